@@ -1,0 +1,1 @@
+"""Latent posteriors of the first stage (`DiagonalGaussianDistribution`)."""

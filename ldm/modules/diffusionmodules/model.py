@@ -1,0 +1,309 @@
+"""Convolutional encoder / decoder of the first-stage autoencoders (KL and VQ).
+
+The attribute tree is the original's, so released checkpoints load strictly:
+`encoder.down.<level>.block.<i>.conv1`, `encoder.down.<level>.attn.<i>.q`,
+`encoder.down.<level>.downsample.conv`, `encoder.mid.block_1`, `encoder.mid.attn_1.proj_out`,
+`decoder.up.<level>.upsample.conv`, `decoder.norm_out`, ...  `decoder.up` is indexed by
+resolution level (0 = full resolution) although it is built from the lowest level up.
+
+Self-attention keeps the original 1x1-conv q/k/v/proj_out weights and runs through
+`torch.nn.functional.scaled_dot_product_attention` (one head, channel dimension as head
+dimension, so the default 1/sqrt(C) scale is the original's).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+logger = logging.getLogger(__name__)
+
+ATTN_TYPES = ("vanilla", "vanilla-xformers", "linear", "none")
+
+
+def nonlinearity(x: torch.Tensor) -> torch.Tensor:
+    """Swish / SiLU, written as the original (x * sigmoid(x))."""
+    return x * torch.sigmoid(x)
+
+
+def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6, affine) as every block of the autoencoder uses."""
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 conv (`conv`)."""
+
+    def __init__(self, in_channels: int, with_conv: bool):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
+
+
+class Downsample(nn.Module):
+    """x2 downsampling: stride-2 3x3 conv after an asymmetric (right/bottom) zero pad, or 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, with_conv: bool):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class ResnetBlock(nn.Module):
+    """norm-swish-conv, (+ timestep projection), norm-swish-dropout-conv, plus a (projected) skip."""
+
+    def __init__(self, *, in_channels: int, out_channels: Optional[int] = None, conv_shortcut: bool = False,
+                 dropout: float, temb_channels: int = 512):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels            # input channels
+        self.out_channels = out_channels          # output channels (default: same as input)
+        self.use_conv_shortcut = conv_shortcut    # 3x3 conv instead of 1x1 on the skip when channels change
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if temb_channels > 0:                     # 0 in the autoencoder (no timestep embedding)
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        if temb is not None:
+            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual, over all H*W positions."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = Normalize(in_channels)
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_ = self.norm(x)
+        b, c, hh, ww = x.shape
+        # (B, C, H, W) -> (B, 1, H*W, C): one head whose dimension is the channel count
+        q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (self.q(h_), self.k(h_), self.v(h_)))
+        h_ = F.scaled_dot_product_attention(q, k, v)
+        h_ = h_.transpose(-1, -2).reshape(b, c, hh, ww)
+        return x + self.proj_out(h_)
+
+
+class LinAttnBlock(nn.Module):
+    """Linear attention (one head of width C, no norm, no residual) as `attn_type: linear` built it."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.to_qkv = nn.Conv2d(in_channels, 3 * in_channels, 1, bias=False)
+        self.to_out = nn.Conv2d(in_channels, in_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, 3, c, hh * ww).unbind(1)   # each (B, C, N)
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bdn,ben->bde", k, v)
+        out = torch.einsum("bde,bdn->ben", context, q)
+        return self.to_out(out.reshape(b, c, hh, ww))
+
+
+def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+    """'vanilla' (and SD2's 'vanilla-xformers': same weights) -> AttnBlock, 'linear' -> LinAttnBlock, 'none' -> Identity."""
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"attn_type '{attn_type}' unknown; expected one of {ATTN_TYPES}")
+    if attn_type in ("vanilla", "vanilla-xformers"):
+        return AttnBlock(in_channels)
+    if attn_type == "none":
+        return nn.Identity()
+    return LinAttnBlock(in_channels)
+
+
+class _Stack(nn.Module):
+    """Shared helper: run a sub-module, through activation checkpointing when asked and training."""
+
+    use_checkpoint: bool = False
+
+    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return _checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+class Encoder(_Stack):
+    """Image (B, in_channels, H, W) -> latent moments (B, 2*z_channels or z_channels, H/f, W/f), f = 2**(len(ch_mult)-1)."""
+
+    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
+                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
+                 use_linear_attn: bool = False, attn_type: str = "vanilla", use_checkpoint: bool = False,
+                 **ignore_kwargs):
+        # ch: base width; ch_mult: width multiplier per resolution level (one downsampling between levels)
+        # out_ch: decoder output channels (unused here; ddconfig is shared with the Decoder)
+        # num_res_blocks: ResnetBlocks per level; attn_resolutions: feature sizes (e.g. 16) that get attention
+        # dropout: inside ResnetBlocks; resamp_with_conv: strided conv (else avg-pool) to downsample
+        # in_channels: image channels; resolution: nominal input size (only decides where attention goes)
+        # z_channels: latent channels; double_z: output mean and logvar (KL) instead of one tensor (VQ)
+        # use_linear_attn / attn_type: "vanilla" | "linear" | "none" attention blocks
+        # use_checkpoint: activation checkpointing of every block while training (saves memory)
+        super().__init__()
+        if use_linear_attn:
+            attn_type = "linear"
+        self.ch = ch
+        self.temb_ch = 0
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.use_checkpoint = use_checkpoint
+
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.in_ch_mult = in_ch_mult
+        curr_res = resolution
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
+                                         temb_channels=self.temb_ch, dropout=dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type))
+            down = nn.Module()
+            down.block, down.attn = block, attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res //= 2
+            self.down.append(down)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in,
+                                       temb_channels=self.temb_ch, dropout=dropout)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in,
+                                       temb_channels=self.temb_ch, dropout=dropout)
+
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
+                                  kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i_level, down in enumerate(self.down):
+            for i_block, block in enumerate(down.block):
+                h = self._run(block, h)
+                if len(down.attn) > 0:
+                    h = self._run(down.attn[i_block], h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)
+        h = self._run(self.mid.block_1, h)
+        h = self._run(self.mid.attn_1, h)
+        h = self._run(self.mid.block_2, h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+class Decoder(_Stack):
+    """Latent (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f)."""
+
+    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
+                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+                 in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
+                 tanh_out: bool = False, use_linear_attn: bool = False, attn_type: str = "vanilla",
+                 use_checkpoint: bool = False, **ignorekwargs):
+        # Same keys as Encoder (the ddconfig is shared); in addition:
+        # out_ch: output image channels; give_pre_end: return features before norm_out/conv_out
+        # tanh_out: squash the output with tanh; num_res_blocks + 1 ResnetBlocks per level
+        super().__init__()
+        if use_linear_attn:
+            attn_type = "linear"
+        self.ch = ch
+        self.temb_ch = 0
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.give_pre_end = give_pre_end
+        self.tanh_out = tanh_out
+        self.use_checkpoint = use_checkpoint
+
+        block_in = ch * ch_mult[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.z_shape = (1, z_channels, curr_res, curr_res)
+        logger.debug("Decoder works with z of shape %s", self.z_shape)
+
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in,
+                                       temb_channels=self.temb_ch, dropout=dropout)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in,
+                                       temb_channels=self.temb_ch, dropout=dropout)
+
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
+                                         temb_channels=self.temb_ch, dropout=dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(make_attn(block_in, attn_type))
+            up = nn.Module()
+            up.block, up.attn = block, attn
+            if i_level != 0:
+                up.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            self.up.insert(0, up)   # index by level: up[0] works at full resolution
+
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.last_z_shape = z.shape
+        h = self.conv_in(z)
+        h = self._run(self.mid.block_1, h)
+        h = self._run(self.mid.attn_1, h)
+        h = self._run(self.mid.block_2, h)
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block, block in enumerate(up.block):
+                h = self._run(block, h)
+                if len(up.attn) > 0:
+                    h = self._run(up.attn[i_block], h)
+            if i_level != 0:
+                h = up.upsample(h)
+        if self.give_pre_end:
+            return h
+        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        return torch.tanh(h) if self.tanh_out else h

@@ -1,0 +1,1 @@
+"""Vector quantisation of the VQ first stage (taming-transformers' `VectorQuantizer2`)."""
