@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -88,6 +89,36 @@ def _check_exists(path: Path) -> None:
             f"(see the README's model table), or point the config / --ckpt argument to where they are.")
 
 
+# Globals that released Lightning checkpoints pickle beside the weights (callback state, numpy
+# scalars of `best_model_score`); allowing them runs no code stored in the file.
+BENIGN_PICKLE_GLOBALS: tuple[str, ...] = (
+    "pytorch_lightning.callbacks.", "lightning.pytorch.callbacks.",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.",
+)
+
+
+def _benign_globals(path: Path) -> Optional[list[Any]]:
+    """The objects for the non-tensor globals a checkpoint needs, if every one is known-benign."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return None
+    if not names or not all(n.startswith(BENIGN_PICKLE_GLOBALS) for n in names):
+        return None
+    objs = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            objs.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return None
+    if any(n.startswith("numpy.") for n in names):
+        # numpy dtypes are rebuilt through their concrete classes (Float64DType, ...)
+        import numpy as np
+        objs += [c for c in vars(np.dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+    return objs
+
+
 def read_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
     """The object stored in a .ckpt/.pt/.pth (weights_only unless `unsafe_pickle`) or .safetensors file."""
     path = Path(path)
@@ -98,7 +129,14 @@ def read_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        benign = _benign_globals(path)
+        if benign is not None:
+            # Released Lightning checkpoints pickle callback state (ModelCheckpoint, numpy
+            # scalars) beside the weights: allow exactly those classes, still weights_only.
+            with torch.serialization.safe_globals(benign):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__)
         if not unsafe_pickle:
             raise UnsafeCheckpointError(
                 f"'{path}' pickles objects other than tensors, so torch.load(weights_only=True) refuses it "

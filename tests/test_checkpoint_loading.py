@@ -167,3 +167,27 @@ def test_loss_keys_must_match_when_the_model_has_a_loss():
         load_into(model, sd)
     del model.loss                                                 # an inference config (Identity loss)
     assert load_into(Tiny(), sd).benign
+
+
+def test_lightning1_callback_state_loads_without_unpickling_code(tmp_path):
+    """Released LDM checkpoints pickle callback classes and numpy scalars beside the weights:
+    those load under weights_only; any other global is still refused."""
+    import os
+
+    import numpy as np
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ldm.checkpoint import UnsafeCheckpointError, load_state_dict_file
+
+    path = tmp_path / "released.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3,
+                "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(1.5)}}}, path)
+    assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": Evil()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="released.ckpt"):
+        load_state_dict_file(path)
