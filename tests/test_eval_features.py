@@ -10,13 +10,13 @@ from ldm.eval import features as F
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    # set_dir pins torch.hub's private override; restore it (not get_dir()) so later tests
+    # still follow TORCH_HOME.
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     monkeypatch.delenv("LDM_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(old)
 
 
 def test_missing_weights_error_names_the_file_and_where_to_put_it(hub):
