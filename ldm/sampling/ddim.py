@@ -121,6 +121,8 @@ def sample_ddim(eps_fn: EpsFn, x_T: Tensor, alphas_cumprod: Union[Tensor, np.nda
                                     else alphas_cumprod))
     grid = [int(s) for s in np.asarray(timesteps)]
     total = len(grid)
+    if mask is not None and q_sample is None:   # moved once here, not in every step's mask_with_x0
+        ac = ac.to(device=x_T.device, dtype=torch.float64)
     if mask is not None and x0 is None:
         raise ValueError("sample_ddim: `mask` needs `x0`")
     x = x_T

@@ -61,6 +61,8 @@ def sample_ddpm(eps_fn: EpsFn, x_T: Tensor, betas: Union[Tensor, np.ndarray, Seq
               else schedule_arrays(as64(betas), v_posterior))
     ac = torch.as_tensor(arrays["alphas_cumprod"])
     n = len(ac) if start_T is None else min(len(ac), start_T)
+    if mask is not None and q_sample is None:   # moved once here, not in every step's mask_with_x0
+        ac = ac.to(device=x_T.device, dtype=torch.float64)
     if mask is not None and x0 is None:
         raise ValueError("sample_ddpm: `mask` needs `x0`")
     x = x_T

@@ -52,6 +52,8 @@ def sample_plms(eps_fn: EpsFn, x_T: Tensor, alphas_cumprod: Union[Tensor, np.nda
                                     else alphas_cumprod))
     time_range = [int(s) for s in np.asarray(timesteps)][::-1]
     total = len(time_range)
+    if mask is not None and q_sample is None:   # moved once here, not in every step's mask_with_x0
+        ac = ac.to(device=x_T.device, dtype=torch.float64)
     if mask is not None and x0 is None:
         raise ValueError("sample_plms: `mask` needs `x0`")
     x = x_T

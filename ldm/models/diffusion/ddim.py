@@ -86,8 +86,10 @@ class GridSampler:
         # where the schedule attributes live; default: the model's device (the original forced CUDA)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.ddim_eta = 0.0
+        self._host: dict[str, Any] = {}
 
     def register_buffer(self, name: str, attr: Any) -> None:
+        self._host[name] = attr      # the host copy: per-step scalars are read from it (no device sync)
         if isinstance(attr, torch.Tensor) and attr.device != self.device:
             attr = attr.to(self.device)
         setattr(self, name, attr)
@@ -131,10 +133,10 @@ class GridSampler:
         return self.ddim_timesteps[:subset_end]
 
     def _coefficients(self, index: int, use_original_steps: bool) -> tuple[float, float, float]:
-        if use_original_steps:
-            return (float(self.alphas_cumprod[index]), float(self.alphas_cumprod_prev[index]),
-                    float(self.ddim_sigmas_for_original_num_steps[index]))
-        return float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index]), float(self.ddim_sigmas[index])
+        names = (("alphas_cumprod", "alphas_cumprod_prev", "ddim_sigmas_for_original_num_steps") if use_original_steps
+                 else ("ddim_alphas", "ddim_alphas_prev", "ddim_sigmas"))
+        a, a_prev, sigma = (self._host[n][index] for n in names)     # host copies: no device sync
+        return float(a), float(a_prev), float(sigma)
 
     def _x_T(self, x_T: Optional[Tensor], shape: tuple, generator: Optional[torch.Generator]) -> Tensor:
         if x_T is not None:
@@ -205,8 +207,10 @@ class DDIMSampler(GridSampler):
         scale: Any = unconditional_guidance_scale
         if ucg_schedule is not None:
             assert len(ucg_schedule) == len(grid), "ucg_schedule needs one scale per step"
-            per_step = {int(s): float(g) for s, g in zip(grid[::-1], ucg_schedule)}
-            scale = lambda t: per_step[int(t[0])]      # noqa: E731
+            # one scale per step in sampling order, as the original's ucg_schedule[i] (reading
+            # the value of t instead would be a device sync per step)
+            scales = iter([float(g) for g in ucg_schedule])
+            scale = lambda t: next(scales)      # noqa: E731
         eps_fn = model_eps_fn(self.model, cond, unconditional_conditioning, scale,
                               score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
         return sample_ddim(eps_fn, img, self.model.alphas_cumprod, grid, self.ddim_eta, mask=mask, x0=x0,

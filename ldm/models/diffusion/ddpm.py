@@ -26,6 +26,7 @@ from einops import rearrange
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm import perf
 from ldm.diffusion import objectives as obj
 from ldm.diffusion.conditioning import CONDITIONING_KEYS, WRAPPER_KEYS, apply_ucg
 from ldm.diffusion.schedule import PARAMETERIZATIONS, betas_from_config, register_schedule_buffers, schedule_tensors
@@ -153,6 +154,8 @@ class DDPM(pl.LightningModule):
                  ucg_training: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  reset_ema: bool = False,
                  reset_num_ema_updates: bool = False,
+                 compile_unet: Any = False,
+                 use_fused_adam: bool = False,
                  ):
         # unet_config: {target, params} of the denoising network (inside DiffusionWrapper as model.diffusion_model)
         # timesteps: number of diffusion steps T
@@ -182,6 +185,9 @@ class DDPM(pl.LightningModule):
         # ucg_training: {batch_key: {p, val}} conditioning dropout for classifier-free guidance (SD2)
         # reset_ema: re-initialise the EMA from the loaded weights (needs ckpt_path)
         # reset_num_ema_updates: restart the EMA decay warm-up
+        # compile_unet: torch.compile the UNet in place (true, or a dict of torch.compile keywords);
+        #   not in the original, see ldm.perf
+        # use_fused_adam: the fused AdamW kernel when the parameters are on CUDA (not in the original)
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -195,6 +201,8 @@ class DDPM(pl.LightningModule):
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_fused_adam = use_fused_adam
+        perf.compile_module(self.model.diffusion_model, compile_unet)
         self.use_ema = use_ema
         if self.use_ema:
             from ldm.modules.ema import LitEma
@@ -372,7 +380,7 @@ class DDPM(pl.LightningModule):
         return self(x)
 
     def _batch_size(self, batch) -> Optional[int]:
-        x = batch.get(self.first_stage_key) if isinstance(batch, Mapping) else None
+        x = batch.get(self.first_stage_key, batch.get(perf.LATENT_KEY)) if isinstance(batch, Mapping) else None
         return len(x) if x is not None else None
 
     def training_step(self, batch, batch_idx):
@@ -415,7 +423,7 @@ class DDPM(pl.LightningModule):
         if lr is None:
             rank_zero_warn(f"learning_rate not set on the model; using {DEFAULT_LEARNING_RATE}")
             lr = DEFAULT_LEARNING_RATE
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        opt = perf.adamw(self.trainable_parameters(), lr=lr, fused=self.use_fused_adam)
         if not self.use_scheduler:
             return opt
         if "target" not in self.scheduler_config:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from einops import rearrange
 from pytorch_lightning.utilities import rank_zero_info
 
+from ldm import perf
 from ldm.diffusion import objectives as obj
 from ldm.diffusion import tiling
 from ldm.diffusion.conditioning import make_cond_ids, wrap_cond
@@ -139,8 +140,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             raise ValueError("rather not use custom rescaling and std-rescaling simultaneously")
         std = torch.zeros((), device=self.device)
         if self.global_rank == 0:
-            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
-            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            z, _ = self._first_stage_latent(batch, self.first_stage_key)
             std = z.flatten().std()
         if self._trainer is not None and self.trainer.world_size > 1:
             std = self.trainer.strategy.broadcast(std, src=0)
@@ -176,9 +176,12 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         if "force_not_quantize" in inspect.signature(decode).parameters:   # VQModelInterface
             def decode(h, _decode=decode):
                 return _decode(h, force_not_quantize=predict_cids or force_not_quantize)
-        if self._split_first_stage():
-            return self._first_stage_tiled(decode, z, uf=self.split_input_params["vqf"])
-        return decode(z)
+        # the first stage decodes in its own (full) precision, also inside a mixed-precision step
+        with perf.full_precision(z.device):
+            z = z.to(perf.param_dtype(self.first_stage_model, z.dtype))
+            if self._split_first_stage():
+                return self._first_stage_tiled(decode, z, uf=self.split_input_params["vqf"])
+            return decode(z)
 
     @torch.no_grad()
     def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
@@ -193,6 +196,19 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             self.split_input_params["original_image_size"] = x.shape[-2:]
             return self._first_stage_tiled(self.first_stage_model.encode, x, df=self.split_input_params["vqf"])
         return self.first_stage_model.encode(x)
+
+    def _first_stage_latent(self, batch, k, bs=None):
+        """-> (z, x): z = scale_factor * E(x), or from the cached encoding when the batch carries
+        `latent` (scripts/cache_latents.py; then x is batch[k] if present, else None)."""
+        if perf.has_cached_latent(batch):
+            z = self.get_first_stage_encoding(perf.cached_first_stage_encoding(batch, self.device, bs)).detach()
+            x = super().get_input(batch, k)[:bs].to(self.device) if k in batch else None
+            return z, x
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        return self.get_first_stage_encoding(self.encode_first_stage(x)).detach(), x
 
     # ------------------------------------------------------------------ conditioning: y -> c
     def get_learned_conditioning(self, c):
@@ -214,14 +230,14 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                   cond_key=None, return_original_cond=False, bs=None, return_x=False):
         """-> [z, c] (+ [x, xrec] with return_first_stage_outputs, + [x] with return_x, + [xc] with
         return_original_cond). c is encoded unless the cond stage is trained (then in forward)."""
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        z, x = self._first_stage_latent(batch, k, bs)
         c = xc = None
-        if self.model.conditioning_key is not None and not self.force_null_conditioning:
-            cond_key = default(cond_key, self.cond_stage_key)
+        conditional = self.model.conditioning_key is not None and not self.force_null_conditioning
+        cond_key = default(cond_key, self.cond_stage_key)
+        if x is None and (return_first_stage_outputs or return_x or (conditional and cond_key == k)):
+            raise ValueError(f"this batch carries cached latents ('{perf.LATENT_KEY}') but no '{k}' images, "
+                             "which return_first_stage_outputs / return_x / cond_key == first_stage_key need")
+        if conditional:
             if cond_key == self.first_stage_key:
                 xc = x
             elif cond_key in _RAW_COND_KEYS:

@@ -64,14 +64,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     if repeat_only:
         return timesteps[:, None].expand(-1, dim).clone()
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
-    ).to(device=timesteps.device)
+    freqs = _timestep_freqs(half, max_period, timesteps.device)
     args = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+_FREQS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _timestep_freqs(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """The embedding frequencies, computed on the CPU as the original, moved to `device` once
+    and cached: a host-to-device copy in every UNet call would synchronise the GPU stream."""
+    key = (half, max_period, device)
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        with torch.inference_mode(False):
+            freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+            freqs = _FREQS[key] = freqs.to(device=device)
+    return freqs
 
 
 def zero_module(module: nn.Module) -> nn.Module:
