@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
@@ -179,6 +180,7 @@ def test_peak_memory_and_flops_helpers():
     assert perf.count_flops(lambda: lin(x)) == 2 * 8 * 64 * 32
     with perf.PeakMemory("cpu") as mem:
         big = torch.ones(64, 2 ** 20)         # 256 MiB, touched
+        time.sleep(20 * mem.interval)          # the RSS sampler runs every `interval` s
         del big
     assert mem.peak_bytes is None or mem.peak_bytes >= 128 * 2 ** 20
     assert perf.device_peak_tflops("cpu", "bf16") is None
