@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,9 +180,15 @@ def test_peak_memory_and_flops_helpers():
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64)
     assert perf.count_flops(lambda: lin(x)) == 2 * 8 * 64 * 32
-    with perf.PeakMemory("cpu") as mem:
-        big = torch.ones(64, 2 ** 20)         # 256 MiB, touched
-        time.sleep(20 * mem.interval)          # the RSS sampler runs every `interval` s
-        del big
-    assert mem.peak_bytes is None or mem.peak_bytes >= 128 * 2 ** 20
+    # The CPU meter reads RSS, which memory an earlier test left to the allocator hides:
+    # measure in a fresh process.
+    code = ("import time, torch; from ldm import perf\n"
+            "with perf.PeakMemory('cpu') as mem:\n"
+            "    big = torch.ones(64, 2 ** 20)\n"          # 256 MiB, touched
+            "    time.sleep(20 * mem.interval)\n"          # the RSS sampler runs every `interval` s
+            "    del big\n"
+            "print(mem.peak_bytes)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(perf.__file__).resolve().parents[1]).stdout.split()[-1]
+    assert out == "None" or int(out) >= 128 * 2 ** 20
     assert perf.device_peak_tflops("cpu", "bf16") is None
