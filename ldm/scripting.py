@@ -289,8 +289,8 @@ def sample(model: Any, sampler: str, steps: int, shape: Sequence[int], batch_siz
 def _sample_ddpm(model: Any, size: tuple, cond: Any, uncond: Any, scale: float,
                  generator: Optional[torch.Generator], x_T: Optional[Tensor], step: Any) -> Tensor:
     from ldm.models.diffusion.ddim import model_eps_fn
-    from ldm.sampling.ddim import randn
     from ldm.sampling.ddpm import sample_ddpm
+    from ldm.sampling.noise import randn
     if x_T is None:
         x_T = randn(size, torch.empty((), device=model.betas.device), generator)
     eps_fn = model_eps_fn(model, cond, uncond, scale)
@@ -301,7 +301,7 @@ def _sample_ddpm(model: Any, size: tuple, cond: Any, uncond: Any, scale: float,
 
 def initial_noise(model: Any, batch_size: int, shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """x_T drawn from `generator` (for --fixed_code: one start code reused by every iteration)."""
-    from ldm.sampling.ddim import randn
+    from ldm.sampling.noise import randn
     return randn((batch_size, *shape), torch.empty((), device=model.betas.device), generator)
 
 

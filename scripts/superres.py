@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
 from ldm import scripting as S  # noqa: E402
-from ldm.sampling.ddim import randn  # noqa: E402
+from ldm.sampling.noise import randn  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -139,7 +139,7 @@ def test_ldm_loss_with_learned_logvar():
     logvar = torch.nn.Parameter(torch.tensor([0.0, 0.5, 1.0]))
     t = torch.tensor([1, 2])
     lvlb = torch.tensor([1.0, 2.0, 4.0])
-    loss, d = O.ldm_loss(loss_simple, t, logvar, lvlb, 1.5, 0.1, True, "train")
+    loss, d = O.diffusion_loss(loss_simple, t, lvlb, 1.5, 0.1, "train", logvar=logvar, learn_logvar=True)
     gamma = torch.tensor([1.0 / math.exp(0.5) + 0.5, 3.0 / math.exp(1.0) + 1.0])
     vlb = float((torch.tensor([2.0, 4.0]) * loss_simple).mean())
     assert list(d) == ["train/loss_simple", "train/loss_gamma", "logvar", "train/loss_vlb", "train/loss"]

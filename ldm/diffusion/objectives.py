@@ -1,8 +1,9 @@
 """Forward process, eps / x0 / v conversions and the training objectives.
 
-Every function takes `s`, any object carrying the schedule tensors of
-`ldm.diffusion.schedule` as attributes (a DDPM / LatentDiffusion module, or the
-upscaler's noise-augmentation module), and a batch of integer timesteps `t` (B,).
+Every function takes `s`, the schedule: a `ldm.diffusion.schedule.Schedule` view (what the
+models pass), or any object carrying those tensors as attributes (the upscaler's
+noise-augmentation module), and a batch of integer timesteps `t` (B,). The eps / x0 / v
+conversions themselves are `ldm.diffusion.denoiser`'s (one copy).
 
     x_t   = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                          (q_sample, DDPM Eq. 4)
     x_0   = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps                       (predict_start_from_noise)
@@ -14,11 +15,13 @@ Losses: LDM Eq. 2 (`loss_simple`, the reweighted bound), optionally divided by a
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ldm.diffusion import denoiser as D
+from ldm.diffusion.schedule import Coefficients
 from ldm.diffusion.schedule import extract_into_tensor as _x
 
 Tensor = torch.Tensor
@@ -49,51 +52,42 @@ def q_posterior(s: Any, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor
     return mean, variance, log_variance
 
 
+def coefficients(s: Any, t: Tensor, x_shape: Sequence[int]) -> Coefficients:
+    """The forward-process coefficients of schedule `s` (a `Schedule` view, or any object holding
+    its buffers) at timesteps t (B,), shaped to broadcast against x_shape."""
+    return Coefficients(_x(s.sqrt_alphas_cumprod, t, x_shape), _x(s.sqrt_one_minus_alphas_cumprod, t, x_shape),
+                        _x(s.sqrt_recip_alphas_cumprod, t, x_shape), _x(s.sqrt_recipm1_alphas_cumprod, t, x_shape))
+
+
+# The original's method names, over the one set of conversions in ldm.diffusion.denoiser.
 def predict_start_from_noise(s: Any, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    return (_x(s.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _x(s.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+    return D.x0_from_eps(coefficients(s, t, x_t.shape), x_t, noise)
 
 
 def predict_eps_from_xstart(s: Any, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
-    return ((_x(s.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-            / _x(s.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+    return D.eps_from_x0(coefficients(s, t, x_t.shape), x_t, pred_xstart)
 
 
 def get_v(s: Any, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    return (_x(s.sqrt_alphas_cumprod, t, x.shape) * noise
-            - _x(s.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
+    return D.v_from(coefficients(s, t, x.shape), x, noise)
 
 
 def predict_start_from_z_and_v(s: Any, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-    return (_x(s.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-            - _x(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+    return D.x0_from_v(coefficients(s, t, x_t.shape), x_t, v)
 
 
 def predict_eps_from_z_and_v(s: Any, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-    return (_x(s.sqrt_alphas_cumprod, t, x_t.shape) * v
-            + _x(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+    return D.eps_from_v(coefficients(s, t, x_t.shape), x_t, v)
 
 
 def predict_start(s: Any, parameterization: str, x_t: Tensor, t: Tensor, model_out: Tensor) -> Tensor:
     """x_0 from the network output under any parameterization."""
-    if parameterization == "eps":
-        return predict_start_from_noise(s, x_t, t, model_out)
-    if parameterization == "x0":
-        return model_out
-    if parameterization == "v":
-        return predict_start_from_z_and_v(s, x_t, t, model_out)
-    raise NotImplementedError(f"parameterization '{parameterization}' not supported")
+    return D.to_x0(model_out, x_t, coefficients(s, t, x_t.shape), parameterization)
 
 
 def training_target(s: Any, parameterization: str, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """What the network regresses: eps, x_0, or v."""
-    if parameterization == "eps":
-        return noise
-    if parameterization == "x0":
-        return x_start
-    if parameterization == "v":
-        return get_v(s, x_start, noise, t)
-    raise NotImplementedError(f"parameterization '{parameterization}' not yet supported")
+    return D.training_target(coefficients(s, t, x_start.shape), parameterization, x_start, noise)
 
 
 def get_loss(pred: Tensor, target: Tensor, loss_type: str = "l2", mean: bool = True) -> Tensor:
@@ -111,28 +105,27 @@ def per_sample(loss: Tensor) -> Tensor:
     return loss.mean(dim=list(range(1, loss.ndim)))
 
 
-def ddpm_loss(loss: Tensor, t: Tensor, lvlb_weights: Tensor, l_simple_weight: float,
-              original_elbo_weight: float, prefix: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """Pixel-space DDPM objective from per-sample losses (B,)."""
-    loss_simple = loss.mean() * l_simple_weight
+def diffusion_loss(loss: Tensor, t: Tensor, lvlb_weights: Tensor, l_simple_weight: float,
+                   original_elbo_weight: float, prefix: str, *, logvar: Optional[Tensor] = None,
+                   learn_logvar: bool = False, weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DDPM / LatentDiffusion objective from per-sample losses (B,) (LDM Eq. 2 plus the bound term).
+
+    weights: an optional per-sample factor w(t) (B,) of the simple term (the loss-weighting seam:
+      min-SNR, P2, EDM; `ldm.diffusion.weighting`); None is the original objective exactly.
+    logvar: LatentDiffusion's per-step log-variance: loss / exp(logvar_t) + logvar_t (DDPM: None,
+      as the original's DDPM ignored it). Keys as the original: loss_simple, [loss_gamma, logvar],
+      loss_vlb, loss."""
+    log: dict[str, Tensor] = {f"{prefix}/loss_simple": loss.mean()}
+    weighted = loss if weights is None else weights.to(loss) * loss
+    if logvar is not None:
+        logvar_t = logvar[t].to(loss.device)
+        weighted = weighted / torch.exp(logvar_t) + logvar_t
+        if learn_logvar:
+            log[f"{prefix}/loss_gamma"] = weighted.mean()
+            log["logvar"] = logvar.data.mean()
+    total = l_simple_weight * weighted.mean()
     loss_vlb = (lvlb_weights[t] * loss).mean()
-    total = loss_simple + original_elbo_weight * loss_vlb
-    return total, {f"{prefix}/loss_simple": loss.mean(), f"{prefix}/loss_vlb": loss_vlb, f"{prefix}/loss": total}
-
-
-def ldm_loss(loss_simple: Tensor, t: Tensor, logvar: Tensor, lvlb_weights: Tensor, l_simple_weight: float,
-             original_elbo_weight: float, learn_logvar: bool, prefix: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """LatentDiffusion objective from per-sample losses (B,): loss / exp(logvar_t) + logvar_t, weighted,
-    plus the bound term. Keys as the original: loss_simple, [loss_gamma, logvar], loss_vlb, loss."""
-    log: dict[str, Tensor] = {f"{prefix}/loss_simple": loss_simple.mean()}
-    logvar_t = logvar[t].to(loss_simple.device)
-    loss = loss_simple / torch.exp(logvar_t) + logvar_t
-    if learn_logvar:
-        log[f"{prefix}/loss_gamma"] = loss.mean()
-        log["logvar"] = logvar.data.mean()
-    loss = l_simple_weight * loss.mean()
-    loss_vlb = (lvlb_weights[t] * loss_simple).mean()
     log[f"{prefix}/loss_vlb"] = loss_vlb
-    loss = loss + original_elbo_weight * loss_vlb
-    log[f"{prefix}/loss"] = loss
-    return loss, log
+    total = total + original_elbo_weight * loss_vlb
+    log[f"{prefix}/loss"] = total
+    return total, log

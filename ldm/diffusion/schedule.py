@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -151,6 +152,100 @@ def register_schedule_buffers(module: torch.nn.Module, tensors: dict[str, torch.
     """Register (or overwrite) the schedule buffers on `module`; lvlb_weights is non-persistent."""
     for name, value in tensors.items():
         module.register_buffer(name, value, persistent=name != "lvlb_weights")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A frozen view of a module's schedule buffers (the tensors themselves, not copies), plus the
+    derived SNR quantities. Objectives and samplers take this value instead of the module.
+
+    Build it with `Schedule.of(module)` each time it is needed (a view follows the module's device
+    because it holds the registered tensors), or `Schedule.from_betas(betas)` without a module.
+    Buffers the module does not register (the upscaler's noise augmentation holds the forward
+    process only) are None.
+    """
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: Optional[torch.Tensor] = None
+    sqrt_alphas_cumprod: Optional[torch.Tensor] = None
+    sqrt_one_minus_alphas_cumprod: Optional[torch.Tensor] = None
+    log_one_minus_alphas_cumprod: Optional[torch.Tensor] = None
+    sqrt_recip_alphas_cumprod: Optional[torch.Tensor] = None
+    sqrt_recipm1_alphas_cumprod: Optional[torch.Tensor] = None
+    posterior_variance: Optional[torch.Tensor] = None
+    posterior_log_variance_clipped: Optional[torch.Tensor] = None
+    posterior_mean_coef1: Optional[torch.Tensor] = None
+    posterior_mean_coef2: Optional[torch.Tensor] = None
+    lvlb_weights: Optional[torch.Tensor] = None
+    v_posterior: float = 0.0
+
+    @classmethod
+    def of(cls, module: object) -> "Schedule":
+        """The view of `module`'s registered buffers. A module holding only `alphas_cumprod`
+        (a foreign model) gets the forward-process quantities derived from it (float64, cast)."""
+        names = SCHEDULE_BUFFERS + ("lvlb_weights",)
+        values = {k: getattr(module, k, None) for k in names}
+        if values["alphas_cumprod"] is not None:
+            ac = values["alphas_cumprod"].detach().double()
+            like = values["sqrt_alphas_cumprod"] if values["sqrt_alphas_cumprod"] is not None else ac
+            derived = {"sqrt_alphas_cumprod": lambda: ac.sqrt(), "sqrt_one_minus_alphas_cumprod": lambda: (1 - ac).sqrt(),
+                       "sqrt_recip_alphas_cumprod": lambda: (1 / ac).sqrt(),
+                       "sqrt_recipm1_alphas_cumprod": lambda: (1 / ac - 1).sqrt()}
+            for name, fn in derived.items():
+                if values[name] is None:
+                    values[name] = fn().float().to(like.device)
+        if values["betas"] is None and values["alphas_cumprod"] is not None:
+            ac = values["alphas_cumprod"].detach().double()
+            values["betas"] = (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).float()
+        return cls(**values, v_posterior=float(getattr(module, "v_posterior", 0.0) or 0.0))
+
+    @classmethod
+    def from_betas(cls, betas: Union[np.ndarray, Sequence[float]], v_posterior: float = 0.0,
+                   parameterization: Optional[str] = "eps") -> "Schedule":
+        return cls(**schedule_tensors(betas, v_posterior, parameterization), v_posterior=v_posterior)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio abar / (1 - abar) per step (T,), computed in float64."""
+        ac = self.alphas_cumprod.double()
+        return ac / (1 - ac)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The VE noise level sigma_t = sqrt((1 - abar) / abar) per step (T,), float64 (Karras et al. 2022)."""
+        ac = self.alphas_cumprod.double()
+        return ((1 - ac) / ac).sqrt()
+
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """log(abar / (1 - abar)) per step (T,), float64."""
+        return self.snr.log()
+
+    def coefficients(self, t: torch.Tensor, x_shape: Sequence[int]) -> "Coefficients":
+        """The per-sample forward-process coefficients at integer timesteps t (B,), shaped (B, 1, ..., 1)."""
+        return Coefficients(extract_into_tensor(self.sqrt_alphas_cumprod, t, x_shape),
+                            extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_shape),
+                            extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_shape),
+                            extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_shape))
+
+
+class Coefficients(NamedTuple):
+    """x_t = alpha x_0 + sigma eps at one noise level; recip = 1 / alpha, recipm1 = sigma / alpha.
+    Each broadcasts against x (B, 1, ..., 1). The eps / x0 / v conversions (`ldm.diffusion.denoiser`)
+    read these; the discrete schedule stores recip / recipm1 as buffers (the original's formulas)."""
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    recip: torch.Tensor
+    recipm1: torch.Tensor
+
+    @classmethod
+    def from_alpha_sigma(cls, alpha: torch.Tensor, sigma: torch.Tensor) -> "Coefficients":
+        """Continuous-time levels (DPM-Solver's VP view): recip and recipm1 derived."""
+        return cls(alpha, sigma, 1.0 / alpha, sigma / alpha)
 
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ldm.diffusion.schedule import schedule_arrays
-from ldm.sampling.ddim import Callback, EpsFn, dropout, mask_with_x0, randn
+from ldm.sampling.ddim import Callback, EpsFn
+from ldm.sampling.noise import dropout, mask_with_x0, randn
 from ldm.sampling.guidance import split_prediction
 
 Tensor = torch.Tensor

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ldm.diffusion.denoiser import Denoiser, NetworkFn
+from ldm.diffusion.schedule import Coefficients
 from ldm.sampling.guidance import batch_view
 from ldm.sampling.schedule_view import DiscreteVPSchedule
 
@@ -27,6 +29,14 @@ ContinuousEpsFn = Callable[[Tensor, Tensor], Tensor]
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 SOLVER_TYPES = ("dpm_solver", "taylor")
+
+
+def continuous_denoiser(network: NetworkFn, ns: DiscreteVPSchedule, parameterization: str = "eps") -> Denoiser:
+    """The denoiser at DPM-Solver's continuous times t in [1/N, 1]: the network sees the
+    fractional DDPM timestep (t - 1/N) N; alpha_t, sigma_t come from the interpolated schedule."""
+    def coefficients(t: Tensor, x: Tensor) -> Coefficients:
+        return Coefficients.from_alpha_sigma(batch_view(ns.marginal_alpha(t), x), batch_view(ns.marginal_std(t), x))
+    return Denoiser(network, coefficients, parameterization, model_time=ns.model_time)
 
 
 class _Solver:

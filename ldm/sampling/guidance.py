@@ -1,13 +1,6 @@
-"""Network output -> eps, and classifier-free guidance, in one place.
+"""Classifier-free guidance as a wrapper of a network call, and what the sampler loops share.
 
-With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and x_t = alpha_t x_0 + sigma_t eps:
-
-    eps -> eps:  eps                              eps -> x0:  (x_t - sigma_t eps) / alpha_t
-    x0  -> eps:  (x_t - alpha_t x0) / sigma_t     x0  -> x0:  x0
-    v   -> eps:  alpha_t v + sigma_t x_t          v   -> x0:  alpha_t x_t - sigma_t v
-    (the v formulas are LatentDiffusion.predict_eps_from_z_and_v / predict_start_from_z_and_v)
-
-A noise predictor `eps_fn(x, t)` returns eps, or the pair (eps, x0) when the network predicts
+The eps / x0 / v conversions are `ldm.diffusion.denoiser`'s. A noise predictor `eps_fn(x, t)` returns eps, or the pair (eps, x0) when the network predicts
 x0 or v: DDIM then uses that x0 as is, as the original did for v (no cancellation in
 (x_t - sigma eps) / alpha at high noise).
 
@@ -24,35 +17,6 @@ Tensor = torch.Tensor
 Cond = Any   # a tensor, a list of tensors, or a dict {'c_concat': [...], 'c_crossattn': [...]}
 ModelFn = Callable[[Tensor, Tensor, Cond], Tensor]
 Scale = Union[float, Callable[[Tensor], float]]
-
-PARAMETERIZATIONS = ("eps", "x0", "v")
-
-
-def to_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, parameterization: str) -> Tensor:
-    """eps implied by the network `output` at x_t = x; alpha, sigma broadcast against x."""
-    if parameterization == "eps":
-        return output
-    if parameterization == "v":
-        return alpha * output + sigma * x
-    if parameterization == "x0":
-        return (x - alpha * output) / sigma
-    raise NotImplementedError(f"parameterization '{parameterization}' not supported (expected {PARAMETERIZATIONS})")
-
-
-def to_x0(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, parameterization: str) -> Tensor:
-    """x0 implied by the network `output` at x_t = x (for v: = LatentDiffusion.predict_start_from_z_and_v)."""
-    if parameterization == "eps":
-        return eps_to_x0(output, x, alpha, sigma)
-    if parameterization == "v":
-        return alpha * x - sigma * output
-    if parameterization == "x0":
-        return output
-    raise NotImplementedError(f"parameterization '{parameterization}' not supported (expected {PARAMETERIZATIONS})")
-
-
-def eps_to_x0(eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return (x - sigma * eps) / alpha
-
 
 def norm_thresholding(x0: Tensor, value: float) -> Tensor:
     """SD2's dynamic threshold: scale each sample's x0_hat down to an RMS of at most `value`."""
@@ -86,18 +50,38 @@ def cat_cond(uncond: Cond, cond: Cond) -> Cond:
     return torch.cat([uncond, cond])
 
 
-def cfg_denoiser(model_fn: ModelFn, scale: Scale) -> Callable[..., Tensor]:
+def _guide(model_fn: ModelFn, x: Tensor, t: Tensor, cond: Cond, uncond: Optional[Cond], s: float,
+           guidance_rescale: float = 0.0) -> Tensor:
+    if uncond is None or s == 1.0:
+        return model_fn(x, t, cond)
+    out_uncond, out_cond = model_fn(torch.cat([x] * 2), torch.cat([t] * 2), cat_cond(uncond, cond)).chunk(2)
+    out = out_uncond + s * (out_cond - out_uncond)
+    if guidance_rescale:
+        from ldm.sampling.guidance import rescale_noise_cfg   # Lin et al. 2024, Sec. 3.4
+        out = rescale_noise_cfg(out, out_cond, guidance_rescale)
+    return out
+
+
+def cfg_denoiser(model_fn: ModelFn, scale: Scale, guidance_rescale: float = 0.0) -> Callable[..., Tensor]:
     """Wrap `model_fn(x, t, c)` into `guided(x, t, cond, uncond=None)`.
 
     `scale` is a float or a function of the timestep batch `t` (a per-step schedule).
-    Without `uncond`, or with scale 1, it is a single plain call."""
+    Without `uncond`, or with scale 1, it is a single plain call. guidance_rescale (phi):
+    the guided output is rescaled toward the conditional output's standard deviation."""
     def guided(x: Tensor, t: Tensor, cond: Cond, uncond: Optional[Cond] = None) -> Tensor:
-        s = scale(t) if callable(scale) else scale
-        if uncond is None or s == 1.0:
-            return model_fn(x, t, cond)
-        out_uncond, out_cond = model_fn(torch.cat([x] * 2), torch.cat([t] * 2), cat_cond(uncond, cond)).chunk(2)
-        return out_uncond + s * (out_cond - out_uncond)
+        return _guide(model_fn, x, t, cond, uncond, scale(t) if callable(scale) else scale, guidance_rescale)
     return guided
+
+
+def guidance(uncond: Optional[Cond], scale: Scale, guidance_rescale: float = 0.0
+             ) -> Callable[[ModelFn], ModelFn]:
+    """The CFG wrapper of a denoiser's network (`Denoiser.with_network(guidance(uc, 7.5))`):
+    network(x, t, cond) -> guided output, cond and uncond batched in one call (uncond first)."""
+    def wrap(model_fn: ModelFn) -> ModelFn:
+        def guided(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+            return _guide(model_fn, x, t, cond, uncond, scale(t) if callable(scale) else scale, guidance_rescale)
+        return guided
+    return wrap
 
 
 def cond_batch_size(cond: Cond) -> Optional[int]:

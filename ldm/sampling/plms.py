@@ -19,7 +19,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ldm.sampling.ddim import Callback, EpsFn, ddim_step, mask_with_x0, should_log
+from ldm.sampling.ddim import Callback, EpsFn, ddim_step, should_log
+from ldm.sampling.noise import mask_with_x0
 from ldm.sampling.guidance import split_prediction
 from ldm.sampling.schedule_view import ddim_coefficients
 

@@ -24,8 +24,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ldm.sampling.ddim import EpsFn, ddim_invert, ddim_step, randn, sample_ddim, stochastic_encode
-from ldm.sampling.guidance import batch_view, cfg_denoiser, cond_batch_size, split_prediction, to_eps, to_x0
+from ldm.diffusion.denoiser import Denoiser, with_score_corrector
+from ldm.diffusion.schedule import Schedule
+from ldm.sampling.ddim import EpsFn, ddim_invert, ddim_step, sample_ddim, stochastic_encode
+from ldm.sampling.guidance import cond_batch_size, guidance, split_prediction
+from ldm.sampling.noise import randn
 from ldm.sampling.schedule_view import make_ddim_sampling_parameters, make_ddim_timesteps
 
 log = logging.getLogger(__name__)
@@ -42,32 +45,27 @@ def model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def model_eps_fn(model: Any, cond: Any, uncond: Any = None, scale: Any = 1.0, *,
-                 score_corrector: Any = None, corrector_kwargs: Optional[dict] = None) -> EpsFn:
-    """eps_fn(x, t) of a diffusion model at integer timesteps: classifier-free guidance on the
-    network output (one batched call), then eps (eps models) or (eps, x0) (x0 / v models, as
-    SD2's predict_eps_from_z_and_v / predict_start_from_z_and_v), then the score corrector."""
+def model_denoiser(model: Any, uncond: Any = None, scale: Any = 1.0, *, guidance_rescale: float = 0.0,
+                   score_corrector: Any = None, corrector_kwargs: Optional[dict] = None) -> Denoiser:
+    """The denoiser of a diffusion model at integer timesteps, wrapped in classifier-free guidance
+    on the network output (one batched call) and the optional score corrector. Models without
+    `denoiser()` (anything with apply_model, alphas_cumprod, parameterization) get one built here."""
     parameterization = getattr(model, "parameterization", "eps")
     if score_corrector is not None and parameterization != "eps":
         raise NotImplementedError("score_corrector needs an eps-parameterized model (as the original)")
-    if parameterization != "eps":
-        sqrt_ac = getattr(model, "sqrt_alphas_cumprod", None)
-        sqrt_1m = getattr(model, "sqrt_one_minus_alphas_cumprod", None)
-        if sqrt_ac is None or sqrt_1m is None:
-            ac = model.alphas_cumprod.double()
-            sqrt_ac, sqrt_1m = ac.sqrt().float(), (1 - ac).sqrt().float()
-    guided = cfg_denoiser(model.apply_model, scale)
+    den = model.denoiser() if hasattr(model, "denoiser") else Denoiser.discrete(
+        model.apply_model, Schedule.of(model), parameterization)
+    den = den.with_network(guidance(uncond, scale, guidance_rescale))
+    if score_corrector is not None:
+        den = den.with_network(with_score_corrector(model, score_corrector, corrector_kwargs))
+    return den
 
-    def eps_fn(x: Tensor, t: Tensor) -> Any:
-        out = guided(x, t, cond, uncond)
-        if parameterization != "eps":
-            a = batch_view(sqrt_ac.to(x.device)[t], x).to(out.dtype)
-            s = batch_view(sqrt_1m.to(x.device)[t], x).to(out.dtype)
-            return to_eps(out, x, a, s, parameterization), to_x0(out, x, a, s, parameterization)
-        if score_corrector is not None:
-            out = score_corrector.modify_score(model, out, x, t, cond, **(corrector_kwargs or {}))
-        return out
-    return eps_fn
+
+def model_eps_fn(model: Any, cond: Any, uncond: Any = None, scale: Any = 1.0, *, guidance_rescale: float = 0.0,
+                 score_corrector: Any = None, corrector_kwargs: Optional[dict] = None) -> EpsFn:
+    """eps_fn(x, t) of `model_denoiser(...)`: eps (eps models) or (eps, x0) (x0 / v models)."""
+    return model_denoiser(model, uncond, scale, guidance_rescale=guidance_rescale, score_corrector=score_corrector,
+                          corrector_kwargs=corrector_kwargs).eps_fn(cond)
 
 
 def warn_batch_size(conditioning: Any, batch_size: int) -> None:

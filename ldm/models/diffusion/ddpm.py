@@ -29,8 +29,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from ldm import perf
 from ldm.diffusion import objectives as obj
 from ldm.diffusion.conditioning import CONDITIONING_KEYS, WRAPPER_KEYS, apply_ucg
-from ldm.diffusion.schedule import PARAMETERIZATIONS, betas_from_config, register_schedule_buffers, schedule_tensors
+from ldm.diffusion.denoiser import Denoiser, check_parameterization
+from ldm.diffusion.recipes import TrainingNoise, build_weighting
+from ldm.diffusion.schedule import Schedule, betas_from_config, register_schedule_buffers, schedule_tensors
 from ldm.models.diffusion import loading
+from ldm.sampling.noise import ancestral_step, randn
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -81,10 +84,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def uniform_on_device(r1: float, r2: float, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    return (r1 - r2) * torch.rand(*shape, device=device) + r2
-
-
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as `diffusion_model` and feeds it the conditioning by `conditioning_key`:
     concat -> channel concat (c_concat); crossattn -> `context` (c_crossattn); adm -> class label
@@ -119,7 +118,17 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, **kwargs)
 
 
-class DDPM(pl.LightningModule):
+class _LoadCheckpointAfterInit(type(pl.LightningModule)):
+    """Calls `_after_init()` when the outermost constructor has returned: the `ckpt_path` of a
+    config is loaded once, into the fully built model (every subclass's modules exist then)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__call__(*args, **kwargs)
+        obj._after_init()
+        return obj
+
+
+class DDPM(pl.LightningModule, metaclass=_LoadCheckpointAfterInit):
     """Gaussian diffusion in image space (Ho et al. 2020) with a fixed variance schedule."""
 
     def __init__(self,
@@ -156,6 +165,11 @@ class DDPM(pl.LightningModule):
                  reset_num_ema_updates: bool = False,
                  compile_unet: Any = False,
                  use_fused_adam: bool = False,
+                 loss_weighting: Optional[Mapping[str, Any]] = None,
+                 snr_gamma: Optional[float] = None,
+                 noise_offset: float = 0.0,
+                 input_perturbation: float = 0.0,
+                 rescale_betas_zero_snr: bool = False,
                  ):
         # unet_config: {target, params} of the denoising network (inside DiffusionWrapper as model.diffusion_model)
         # timesteps: number of diffusion steps T
@@ -188,10 +202,15 @@ class DDPM(pl.LightningModule):
         # compile_unet: torch.compile the UNet in place (true, or a dict of torch.compile keywords);
         #   not in the original, see ldm.perf
         # use_fused_adam: the fused AdamW kernel when the parameters are on CUDA (not in the original)
+        # -- not in the original, all off by default (ldm.diffusion.recipes, ldm.diffusion.weighting):
+        # loss_weighting: {target, params} of a per-sample weight w(t) of the simple loss (min-SNR, P2, EDM)
+        # snr_gamma: short form of loss_weighting = min-SNR-gamma (Hang et al. 2023), e.g. 5.0
+        # noise_offset: training noise eps + noise_offset * randn(B, C, 1, 1) (offset noise)
+        # input_perturbation: the network input is noised with eps + input_perturbation * randn_like(eps),
+        #   the target stays eps (Ning et al. 2023)
+        # rescale_betas_zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2024; use with v)
         super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
-        self.parameterization = parameterization
+        self.parameterization = check_parameterization(parameterization)
         rank_zero_info(f"{self.__class__.__name__}: Running in {self.parameterization}-prediction mode")
         self.cond_stage_model = None
         self.clip_denoised = clip_denoised
@@ -216,6 +235,7 @@ class DDPM(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         self.make_it_fit = make_it_fit
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
         self.loss_type = loss_type
@@ -225,21 +245,39 @@ class DDPM(pl.LightningModule):
             self.logvar = nn.Parameter(logvar, requires_grad=True)
         else:   # follows the module's device, not saved
             self.register_buffer("logvar", logvar, persistent=False)
+        self.loss_weighting = build_weighting(loss_weighting, snr_gamma)
+        self.training_noise = TrainingNoise(noise_offset, input_perturbation)
         self.ucg_training = dict(ucg_training or {})
         if self.ucg_training:
             self.ucg_prng = np.random.RandomState()
+        if (reset_ema or reset_num_ema_updates) and not self.use_ema:
+            raise ValueError("reset_ema / reset_num_ema_updates need use_ema")
         if reset_ema and ckpt_path is None:
             raise ValueError("reset_ema needs ckpt_path")
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet,
-                                reset_ema=reset_ema)
-        self._reset_ema(reset_ema and ckpt_path is not None, reset_num_ema_updates)
+        # loaded by _after_init, once the whole model (any subclass) is built
+        self._init_checkpoint = dict(path=ckpt_path, ignore_keys=tuple(ignore_keys or ()),
+                                     only_model=load_only_unet, reset_ema=reset_ema,
+                                     reset_num_ema_updates=reset_num_ema_updates)
+        self.restarted_from_ckpt = False
+
+    def _after_init(self) -> None:
+        spec = self.__dict__.pop("_init_checkpoint", None)
+        if spec is None:
+            return
+        if spec["path"] is not None:
+            self.init_from_ckpt(spec["path"], ignore_keys=spec["ignore_keys"], only_model=spec["only_model"],
+                                reset_ema=spec["reset_ema"])
+            self.restarted_from_ckpt = True
+        self._reset_ema(spec["reset_ema"] and spec["path"] is not None, spec["reset_num_ema_updates"])
 
     # ------------------------------------------------------------------ schedule, EMA, checkpoints
     def register_schedule(self, given_betas: Optional[Sequence[float]] = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
                           cosine_s: float = 8e-3) -> None:
         betas = betas_from_config(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        if getattr(self, "rescale_betas_zero_snr", False):
+            from ldm.diffusion.schedule import rescale_zero_terminal_snr
+            betas = np.asarray(rescale_zero_terminal_snr(torch.as_tensor(betas, dtype=torch.float64)), dtype=np.float64)
         self.num_timesteps = int(betas.shape[0])
         self.linear_start = linear_start
         self.linear_end = linear_end
@@ -262,8 +300,6 @@ class DDPM(pl.LightningModule):
                     logger.info("%s: Restored training weights", context)
 
     def _reset_ema(self, reset_ema: bool, reset_num_ema_updates: bool) -> None:
-        if (reset_ema or reset_num_ema_updates) and not self.use_ema:
-            raise ValueError("reset_ema / reset_num_ema_updates need use_ema")
         if reset_ema:
             rank_zero_info("Resetting ema to pure model weights (restoring from an ema-only checkpoint).")
             from ldm.modules.ema import LitEma
@@ -284,61 +320,63 @@ class DDPM(pl.LightningModule):
         """Hook: adapt a checkpoint's state dict before loading (fine-tunes extend input channels)."""
         return sd
 
+    # ------------------------------------------------------------------ schedule view and denoiser
+    @property
+    def schedule(self) -> Schedule:
+        """A frozen view of the registered schedule buffers (on the module's current device)."""
+        return Schedule.of(self)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The network call (pixel-space DDPM is unconditional; LatentDiffusion routes cond)."""
+        return self.model(x_noisy, t)
+
+    def denoiser(self) -> Denoiser:
+        """apply_model under this model's schedule and parameterization, answering eps / x0 / v."""
+        return Denoiser.discrete(self.apply_model, self.schedule, self.parameterization)
+
     # ------------------------------------------------------------------ forward process (LDM §3, DDPM Eq. 4-7)
     def q_mean_variance(self, x_start, t):
-        return obj.q_mean_variance(self, x_start, t)
+        return obj.q_mean_variance(self.schedule, x_start, t)
 
     def predict_start_from_noise(self, x_t, t, noise):
-        return obj.predict_start_from_noise(self, x_t, t, noise)
+        return obj.predict_start_from_noise(self.schedule, x_t, t, noise)
 
     def predict_start_from_z_and_v(self, x_t, t, v):
-        return obj.predict_start_from_z_and_v(self, x_t, t, v)
+        return obj.predict_start_from_z_and_v(self.schedule, x_t, t, v)
 
     def predict_eps_from_z_and_v(self, x_t, t, v):
-        return obj.predict_eps_from_z_and_v(self, x_t, t, v)
+        return obj.predict_eps_from_z_and_v(self.schedule, x_t, t, v)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return obj.predict_eps_from_xstart(self, x_t, t, pred_xstart)
+        return obj.predict_eps_from_xstart(self.schedule, x_t, t, pred_xstart)
 
     def q_posterior(self, x_start, x_t, t):
-        return obj.q_posterior(self, x_start, x_t, t)
+        return obj.q_posterior(self.schedule, x_start, x_t, t)
 
     def q_sample(self, x_start, t, noise=None):
-        return obj.q_sample(self, x_start, t, noise)
+        return obj.q_sample(self.schedule, x_start, t, noise)
 
     def get_v(self, x, noise, t):
-        return obj.get_v(self, x, noise, t)
-
-    def output_to_eps(self, x_t: torch.Tensor, t: torch.Tensor, model_out: torch.Tensor) -> torch.Tensor:
-        """eps implied by the network output under this model's parameterization."""
-        if self.parameterization == "eps":
-            return model_out
-        if self.parameterization == "v":
-            return self.predict_eps_from_z_and_v(x_t, t, model_out)
-        return self._predict_eps_from_xstart(x_t, t, model_out)
+        return obj.get_v(self.schedule, x, noise, t)
 
     # ------------------------------------------------------------------ ancestral sampling (DDPM Alg. 2)
     def p_mean_variance(self, x, t, clip_denoised: bool):
-        x_recon = obj.predict_start(self, self.parameterization, x, t, self.model(x, t))
+        x_recon = self.denoiser().x0(x, t)
         if clip_denoised:
             x_recon.clamp_(-1., 1.)
         return self.q_posterior(x_start=x_recon, x_t=x, t=t)
 
     @torch.no_grad()
     def p_sample(self, x, t, clip_denoised=True, repeat_noise=False):
-        from ldm.sampling.ddim import randn
         model_mean, _, model_log_variance = self.p_mean_variance(x=x, t=t, clip_denoised=clip_denoised)
-        noise = randn(x.shape, x, repeat=repeat_noise)
-        nonzero_mask = (1 - (t == 0).float()).reshape(x.shape[0], *((1,) * (x.ndim - 1)))
-        return model_mean + nonzero_mask * (0.5 * model_log_variance).exp() * noise
+        return ancestral_step(model_mean, model_log_variance, t, randn(x.shape, x, repeat=repeat_noise))
 
     @torch.no_grad()
     def p_sample_loop(self, shape, return_intermediates=False):
         from ldm.sampling.ddpm import sample_ddpm
         img = torch.randn(shape, device=self.betas.device)
-        img, intermediates = sample_ddpm(lambda x, t: self.output_to_eps(x, t, self.model(x, t)), img, self.betas,
-                                         v_posterior=self.v_posterior, clip_denoised=self.clip_denoised,
-                                         log_every_t=self.log_every_t)
+        img, intermediates = sample_ddpm(self.denoiser().eps, img, self.betas, v_posterior=self.v_posterior,
+                                         clip_denoised=self.clip_denoised, log_every_t=self.log_every_t)
         return (img, intermediates) if return_intermediates else img
 
     @torch.no_grad()
@@ -355,13 +393,26 @@ class DDPM(pl.LightningModule):
         return "train" if self.training else "val"
 
     def p_losses(self, x_start, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_out = self.model(x_noisy, t)
-        target = obj.training_target(self, self.parameterization, x_start, noise, t)
+        return self.diffusion_loss(x_start, None, t, noise)
+
+    # LatentDiffusion divides the simple loss by exp(logvar_t); the original DDPM did not
+    _loss_uses_logvar = False
+
+    def diffusion_loss(self, x_start, cond, t, noise=None):
+        """The one training objective of DDPM and LatentDiffusion (LDM Eq. 2, eps / x0 / v targets):
+        -> (loss, log dict). Noise drawn here as the original (randn_like), plus the opt-in
+        offset / input perturbation; the per-sample weight comes from `loss_weighting`."""
+        noise = default(noise, lambda: self.training_noise.draw(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=self.training_noise.perturb(noise))
+        model_out = self.apply_model(x_noisy, t, cond)
+        target = obj.training_target(self.schedule, self.parameterization, x_start, noise, t)
         loss = obj.per_sample(self.get_loss(model_out, target, mean=False))
-        return obj.ddpm_loss(loss, t, self.lvlb_weights, self.l_simple_weight, self.original_elbo_weight,
-                             self.log_prefix)
+        weights = None
+        if self.loss_weighting is not None:
+            weights = self.loss_weighting(t, self.alphas_cumprod, self.parameterization)
+        return obj.diffusion_loss(loss, t, self.lvlb_weights, self.l_simple_weight, self.original_elbo_weight,
+                                  self.log_prefix, logvar=self.logvar if self._loss_uses_logvar else None,
+                                  learn_logvar=self.learn_logvar, weights=weights)
 
     def forward(self, x, *args, **kwargs):
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()

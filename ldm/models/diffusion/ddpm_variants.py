@@ -105,19 +105,14 @@ class LatentFinetuneDiffusion(LatentDiffusion):
         # finetune_keys: checkpoint keys whose input channels are extended (None disables fine-tune mode)
         # keep_finetune_dims: input channels kept from the checkpoint (the rest start at zero)
         # c_concat_log_start, c_concat_log_end: channel range of c_concat decoded in the image logs
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, **kwargs)
         self.finetune_keys = finetune_keys
         self.concat_keys = concat_keys
         self.keep_dims = keep_finetune_dims
         self.c_concat_log_start = c_concat_log_start
         self.c_concat_log_end = c_concat_log_end
-        if exists(self.finetune_keys) and not exists(ckpt_path):
+        if exists(self.finetune_keys) and not exists(self._init_checkpoint["path"]):
             raise ValueError("can only finetune from a given checkpoint (set ckpt_path or finetune_keys: null)")
-        if exists(ckpt_path):
-            self.init_from_ckpt(ckpt_path, ignore_keys)
-            self.restarted_from_ckpt = True
 
     def _prepare_checkpoint(self, sd):
         """Fine-tune mode: zero-extend the checkpoint's `finetune_keys` to this model's input channels,

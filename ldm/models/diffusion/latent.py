@@ -68,10 +68,6 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__" and not self.force_null_conditioning:
             conditioning_key = None
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        reset_ema = kwargs.pop("reset_ema", False)
-        reset_num_ema_updates = kwargs.pop("reset_num_ema_updates", False)
-        ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(conditioning_key=conditioning_key, *args, **kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -91,13 +87,6 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         self.bbox_tokenizer = None
         # patch-wise first stage / UNet for large images (see ldm.diffusion.tiling); set by the user
         self.split_input_params: Optional[dict[str, Any]] = None
-        self.restarted_from_ckpt = False
-        if reset_ema and ckpt_path is None:
-            raise ValueError("reset_ema needs ckpt_path")
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys, reset_ema=reset_ema)
-            self.restarted_from_ckpt = True
-        self._reset_ema(reset_ema and ckpt_path is not None, reset_num_ema_updates)
 
     # ------------------------------------------------------------------ stages and schedule
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
@@ -327,14 +316,10 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         adapted = self.get_learned_conditioning(rearrange(adapted, "l b n -> (l b) n"))
         return rearrange(adapted, "(l b) n d -> l b n d", l=n_patches)
 
+    _loss_uses_logvar = True
+
     def p_losses(self, x_start, cond, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-        target = obj.training_target(self, self.parameterization, x_start, noise, t)
-        loss_simple = obj.per_sample(self.get_loss(model_output, target, mean=False))
-        return obj.ldm_loss(loss_simple, t, self.logvar, self.lvlb_weights, self.l_simple_weight,
-                            self.original_elbo_weight, self.learn_logvar, self.log_prefix)
+        return self.diffusion_loss(x_start, cond, t, noise)
 
     def _prior_bpd(self, x_start):
         """KL(q(x_T | x_0) || N(0, I)) in bits per dim, (B,)."""

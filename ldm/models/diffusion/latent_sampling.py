@@ -13,24 +13,30 @@ import torch
 from einops import repeat
 from omegaconf import ListConfig
 
-from ldm.diffusion import objectives as obj
 from ldm.diffusion.conditioning import slice_cond
+from ldm.diffusion.denoiser import Denoiser, with_score_corrector
+from ldm.sampling.noise import ancestral_step, dropout, randn
 
 
 class LatentSamplingMixin:
     """Mixed into LatentDiffusion (needs apply_model, q_sample, q_posterior, the schedule buffers)."""
+
+    # ------------------------------------------------------------------ the denoiser of the loops
+    def sampling_denoiser(self, score_corrector=None, corrector_kwargs=None) -> Denoiser:
+        """apply_model under the schedule and parameterization, with the optional score corrector."""
+        den = self.denoiser()
+        if score_corrector is not None:
+            if self.parameterization != "eps":
+                raise NotImplementedError("score_corrector needs an eps model")
+            den = den.with_network(with_score_corrector(self, score_corrector, corrector_kwargs))
+        return den
 
     # ------------------------------------------------------------------ one reverse step
     def p_mean_variance(self, x, c, t, clip_denoised: bool, return_codebook_ids=False, quantize_denoised=False,
                         return_x0=False, score_corrector=None, corrector_kwargs=None):
         if return_codebook_ids:
             raise NotImplementedError("return_codebook_ids: support dropped (as in the original)")
-        model_out = self.apply_model(x, t, c)
-        if score_corrector is not None:
-            if self.parameterization != "eps":
-                raise NotImplementedError("score_corrector needs an eps model")
-            model_out = score_corrector.modify_score(self, model_out, x, t, c, **(corrector_kwargs or {}))
-        x_recon = obj.predict_start(self, self.parameterization, x, t, model_out)
+        x_recon = self.sampling_denoiser(score_corrector, corrector_kwargs).x0(x, t, c)
         if clip_denoised:
             x_recon.clamp_(-1., 1.)
         if quantize_denoised:
@@ -42,33 +48,29 @@ class LatentSamplingMixin:
     def p_sample(self, x, c, t, clip_denoised=False, repeat_noise=False, return_codebook_ids=False,
                  quantize_denoised=False, return_x0=False, temperature=1., noise_dropout=0., score_corrector=None,
                  corrector_kwargs=None):
-        from ldm.sampling.ddim import dropout, randn
         mean, _, log_variance, x0 = self.p_mean_variance(
             x=x, c=c, t=t, clip_denoised=clip_denoised, return_codebook_ids=return_codebook_ids,
             quantize_denoised=quantize_denoised, return_x0=True, score_corrector=score_corrector,
             corrector_kwargs=corrector_kwargs)
         noise = dropout(randn(x.shape, x, repeat=repeat_noise) * temperature, noise_dropout)
-        nonzero_mask = (1 - (t == 0).float()).reshape(x.shape[0], *((1,) * (x.ndim - 1)))
-        x_prev = mean + nonzero_mask * (0.5 * log_variance).exp() * noise
+        x_prev = ancestral_step(mean, log_variance, t, noise)
         return (x_prev, x0) if return_x0 else x_prev
 
     # ------------------------------------------------------------------ full chains
     def _eps_fn(self, cond, score_corrector=None, corrector_kwargs=None) -> Callable:
-        """x, t -> eps for the ancestral loop (re-noises cond first when shorten_cond_schedule)."""
+        """x, t -> eps for the ancestral loop; with shorten_cond_schedule the conditioning is
+        re-noised before every call (as the original)."""
+        den = self.sampling_denoiser(score_corrector, corrector_kwargs)
+        if not self.shorten_cond_schedule:
+            return lambda x, t: den.eps(x, t, cond)
+        if self.model.conditioning_key == "hybrid":
+            raise NotImplementedError("shorten_cond_schedule with hybrid conditioning")
         state = {"cond": cond}
 
         def eps_fn(x, t):
-            if self.shorten_cond_schedule:
-                if self.model.conditioning_key == "hybrid":
-                    raise NotImplementedError("shorten_cond_schedule with hybrid conditioning")
-                c = state["cond"]
-                state["cond"] = self.q_sample(x_start=c, t=self.cond_ids[t].to(c.device), noise=torch.randn_like(c))
-            out = self.apply_model(x, t, state["cond"])
-            if score_corrector is not None:
-                if self.parameterization != "eps":
-                    raise NotImplementedError("score_corrector needs an eps model")
-                out = score_corrector.modify_score(self, out, x, t, state["cond"], **(corrector_kwargs or {}))
-            return self.output_to_eps(x, t, out)
+            c = state["cond"]
+            state["cond"] = self.q_sample(x_start=c, t=self.cond_ids[t].to(c.device), noise=torch.randn_like(c))
+            return den.eps(x, t, state["cond"])
         return eps_fn
 
     def _run_chain(self, cond, shape, *, x_T, start_T, timesteps, log_every_t, quantize_denoised, mask, x0,

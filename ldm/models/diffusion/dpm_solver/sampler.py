@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 
 from ldm.models.diffusion.ddim import model_device, warn_batch_size
-from ldm.sampling.ddim import randn
-from ldm.sampling.dpm_solver import sample_dpm_solver
-from ldm.sampling.guidance import batch_view, cfg_denoiser, to_eps
+from ldm.sampling.dpm_solver import continuous_denoiser, sample_dpm_solver
+from ldm.sampling.guidance import guidance
+from ldm.sampling.noise import randn
 from ldm.sampling.schedule_view import DiscreteVPSchedule
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,10 @@ class DPMSolverSampler:
         img = x_T if x_T is not None else randn(size, torch.empty((), device=device), generator)
 
         ns = DiscreteVPSchedule(self.alphas_cumprod.to(img.device))
-        parameterization = self.model.parameterization
-
-        def raw(x: Tensor, t: Tensor, c: Any) -> Tensor:
-            out = self.model.apply_model(x, ns.model_time(t), c)
-            return to_eps(out, x, batch_view(ns.marginal_alpha(t), x), batch_view(ns.marginal_std(t), x),
-                          parameterization)
-
-        guided = cfg_denoiser(raw, unconditional_guidance_scale)
-
-        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
-            return guided(x, t, conditioning, unconditional_conditioning)
+        den = continuous_denoiser(self.model.apply_model, ns, self.model.parameterization)
+        # as SD2: each half is converted to eps, then guided
+        eps_fn = den.eps_denoiser().with_network(guidance(unconditional_conditioning,
+                                                          unconditional_guidance_scale)).eps_fn(conditioning)
 
         cb = None
         if callback is not None or img_callback is not None:
