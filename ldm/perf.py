@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -56,6 +57,10 @@ def autocast(precision: Union[str, int], device: Union[str, torch.device]) -> co
     device_type = torch.device(device).type
     if dtype is None:
         return contextlib.nullcontext()
+    if device_type == "cpu" and dtype == torch.float16:
+        warnings.warn(f"precision {precision!r}: fp16 is not supported on CPU: running in fp32 (use bf16 for "
+                      "reduced precision on CPU)", UserWarning, stacklevel=2)
+        return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
 
 
@@ -81,11 +86,6 @@ def full_precision(device: Union[str, torch.device]) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------
 # Memory format, compilation, optimizer
 # ----------------------------------------------------------------------------------------
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """4-D parameters (conv weights) in channels_last memory format; other tensors untouched."""
-    return module.to(memory_format=torch.channels_last)
-
-
 def compile_module(module: nn.Module, options: Union[bool, Mapping[str, Any], None] = True) -> nn.Module:
     """`torch.compile` `module` in place (`nn.Module.compile`): the same object, same attribute
     tree and state-dict keys; the first call compiles. `options`: True or a dict of

@@ -6,8 +6,9 @@
   weights because the checkpoint holds theirs), `downsampling_factor`, `latent_shape`;
 - randomness: `seed_everything` returns the `torch.Generator` every sampler draws from, so a
   seed reproduces a sample (on any device: the generator lives on the CPU);
-- sampling: `sample` runs DDIM / PLMS / DPM-Solver++ / ancestral DDPM with classifier-free
-  guidance and a tqdm bar; `precision_scope` is the autocast context of `--precision`;
+- sampling: `sample` runs any sampler of the registry (`ldm.sampling.registry`: DDIM, PLMS,
+  DPM-Solver++, ancestral DDPM, the k-diffusion family) with classifier-free guidance and a
+  tqdm bar; `--precision` opens `ldm.perf.autocast` (the one precision table);
 - images: `load_image`, `load_mask`, `decode`, `to_uint8`, `SampleWriter` (numbered PNGs and
   a grid), `read_prompts`.
 
@@ -23,7 +24,6 @@ import functools
 import logging
 import os
 import random
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Union
@@ -31,12 +31,13 @@ from typing import Any, Callable, NoReturn, Optional, Union
 import numpy as np
 import torch
 
+from ldm.sampling import registry as sampler_registry
+
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 
-SAMPLERS = ("ddim", "plms", "dpm", "ddpm")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")   # the --precision choices (ldm.perf.autocast's table reads them)
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,16 +74,17 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
 
 def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float = 0.0, scale: float = 1.0,
                     n_samples: int = 4, outdir: str = "outputs/samples", config: Optional[str] = None,
-                    size: bool = True) -> argparse.ArgumentParser:
-    """The options every sampling script has (original spellings kept as aliases)."""
+                    size: bool = True, samplers: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The options every sampling script has (original spellings kept as aliases). `samplers`:
+    the registered samplers a script can use (default: all of `ldm.sampling.registry`)."""
+    samplers = tuple(samplers or sampler_registry.names())
     m = p.add_argument_group("model")
     m.add_argument("--config", default=config, help="model config (YAML, original format)")
     m.add_argument("--ckpt", help="checkpoint: Lightning .ckpt (weights under 'state_dict') or .safetensors")
     m.add_argument("--unsafe_pickle", action="store_true",
                    help="allow .ckpt files that pickle more than tensors (trusted files only: runs their code)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim | plms | dpm (DPM-Solver++ 2M) | ddpm (ancestral, all training steps)")
+    s.add_argument("--sampler", choices=samplers, default="ddim", help=sampler_registry.help_text(samplers))
     s.add_argument("--plms", dest="sampler", action="store_const", const="plms", default=argparse.SUPPRESS,
                    help="= --sampler plms")
     s.add_argument("--dpm", dest="sampler", action="store_const", const="dpm", default=argparse.SUPPRESS,
@@ -92,6 +94,12 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float =
                    help="DDIM eta (0: deterministic; 1: as stochastic as DDPM)")
     s.add_argument("--scale", type=float, default=scale,
                    help="classifier-free guidance: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
+    s.add_argument("--timestep_spacing", choices=sampler_registry.TIMESTEP_SPACINGS,
+                   help="ddim / plms grid as diffusers' DDIMScheduler (default: the original's grid)")
+    s.add_argument("--sigma_schedule", choices=sampler_registry.SIGMA_SCHEDULES,
+                   help="sigma spacing of the k-diffusion samplers (default: karras)")
+    s.add_argument("--guidance_rescale", type=float,
+                   help="rescale the guided prediction toward the conditional one's std (phi, Lin et al. 2024)")
     s.add_argument("--seed", type=int, default=42, help="seed of every random draw (same seed, same images)")
     s.add_argument("--n_samples", type=int, default=n_samples, help="batch size: samples per iteration")
     s.add_argument("--n_iter", type=int, default=1, help="number of iterations (batches)")
@@ -102,7 +110,7 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float =
     r = p.add_argument_group("output and runtime")
     r.add_argument("--outdir", default=outdir, help="samples/NNNNN.png and grid-NNNN.png go here")
     r.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or autocast to bf16 / fp16 on the model's device (fp16 on CPU falls back to fp32)")
     r.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     return p
@@ -219,7 +227,7 @@ def latent_shape(model: Any, H: Optional[int] = None, W: Optional[int] = None) -
 
 
 # ----------------------------------------------------------------------------------------
-# Randomness and precision
+# Randomness
 # ----------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch (draws inside the model, e.g. a KL posterior sample) and
@@ -230,79 +238,47 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def precision_scope(precision: str, device: Union[str, torch.device]) -> contextlib.AbstractContextManager:
-    """Autocast to bf16 / fp16 on the device's type; fp32 (and fp16 on CPU) run as is."""
-    if precision not in PRECISIONS:
-        fail(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
-    dtype = PRECISIONS[precision]
-    device = torch.device(device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device.type == "cpu" and dtype == torch.float16:
-        warnings.warn("--precision fp16 is not supported on CPU: running in fp32 (use bf16 for reduced "
-                      "precision on CPU)", UserWarning, stacklevel=2)
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------
-def make_sampler(model: Any, name: str) -> Any:
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-    from ldm.models.diffusion.plms import PLMSSampler
-    classes = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
-    if name not in classes:
-        fail(f"sampler '{name}' has no sampler object (choose from {', '.join(classes)})")
-    return classes[name](model)
+def sampler_options(opt: argparse.Namespace) -> dict[str, Any]:
+    """The sampler options given on the command line (those left unset take the registry's defaults)."""
+    keys = ("timestep_spacing", "sigma_schedule", "guidance_rescale")
+    return {k: getattr(opt, k) for k in keys if getattr(opt, k, None) is not None}
 
 
 @torch.no_grad()
 def sample(model: Any, sampler: str, steps: int, shape: Sequence[int], batch_size: int, cond: Any = None,
            uncond: Any = None, scale: float = 1.0, eta: float = 0.0, generator: Optional[torch.Generator] = None,
-           x_T: Optional[Tensor] = None, progress: bool = True, desc: str = "Sampling") -> Tensor:
-    """Latent samples (batch_size, *shape) with sampler ddim | plms | dpm | ddpm (ancestral,
-    all model.num_timesteps steps), guided by `scale` when `uncond` is given."""
+           x_T: Optional[Tensor] = None, progress: bool = True, desc: str = "Sampling", **options: Any) -> Tensor:
+    """Latent samples (batch_size, *shape) with any registered sampler (`ldm.sampling.registry`),
+    guided by `scale` when `uncond` is given; `options` are the sampler's (timestep_spacing, ...)."""
     from tqdm.auto import tqdm
-    if sampler not in SAMPLERS:
-        fail(f"unknown sampler '{sampler}' (choose from {', '.join(SAMPLERS)})")
+    if sampler not in sampler_registry.SAMPLERS:
+        fail(f"unknown sampler '{sampler}' (choose from {', '.join(sampler_registry.names())})")
+    spec = sampler_registry.get(sampler)
     if sampler == "plms" and eta != 0:
         fail(f"--sampler plms needs --eta 0 (got {eta})")
-    if steps < 1 and sampler != "ddpm":
+    if steps < 1 and not spec.fixed_steps:
         fail(f"--steps must be at least 1 (got {steps})")
+    unknown = set(options) - set(spec.defaults)
+    if unknown:
+        fail(f"--sampler {sampler} takes no {', '.join('--' + k for k in sorted(unknown))}")
     if uncond is None or scale == 1.0:
         uncond, scale = None, 1.0
-    total = model.num_timesteps if sampler == "ddpm" else steps
-    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
-        def step(*_: Any) -> None:
-            bar.update(1)
-        if sampler == "ddpm":
-            return _sample_ddpm(model, (batch_size, *shape), cond, uncond, scale, generator, x_T, step)
-        s = make_sampler(model, sampler)
-        out, _ = s.sample(S=steps, batch_size=batch_size, shape=tuple(shape), conditioning=cond, eta=eta,
-                          verbose=False, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                          x_T=x_T, generator=generator, callback=step)
-    return out
-
-
-def _sample_ddpm(model: Any, size: tuple, cond: Any, uncond: Any, scale: float,
-                 generator: Optional[torch.Generator], x_T: Optional[Tensor], step: Any) -> Tensor:
-    from ldm.models.diffusion.ddim import model_eps_fn
-    from ldm.sampling.ddpm import sample_ddpm
-    from ldm.sampling.noise import randn
     if x_T is None:
-        x_T = randn(size, torch.empty((), device=model.betas.device), generator)
-    eps_fn = model_eps_fn(model, cond, uncond, scale)
-    x, _ = sample_ddpm(eps_fn, x_T, model.betas, v_posterior=model.v_posterior, clip_denoised=model.clip_denoised,
-                       callback=step, generator=generator)
-    return x
+        x_T = sampler_registry.initial_noise(model, (batch_size, *shape), generator)
+    if "clip_denoised" in spec.defaults:
+        options.setdefault("clip_denoised", bool(getattr(model, "clip_denoised", False)))
+    total = model.num_timesteps if spec.fixed_steps else steps
+    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
+        return sampler_registry.sample(sampler, model, x_T, steps, cond=cond, uncond=uncond, scale=scale, eta=eta,
+                                       generator=generator, callback=lambda i: bar.update(1), **options)
 
 
 def initial_noise(model: Any, batch_size: int, shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """x_T drawn from `generator` (for --fixed_code: one start code reused by every iteration)."""
-    from ldm.sampling.noise import randn
-    return randn((batch_size, *shape), torch.empty((), device=model.betas.device), generator)
+    return sampler_registry.initial_noise(model, (batch_size, *shape), generator)
 
 
 def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ldm import perf  # noqa: E402
+from ldm.sampling import registry as sampler_registry  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 TEXT_KEYS = ("txt", "caption")
@@ -117,9 +119,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--W", type=int, help="image width (default: the model's training size)")
     p.add_argument("--batch", type=int, default=1, help="images per batch")
     p.add_argument("--steps", type=int, default=10, help="sampling steps")
-    p.add_argument("--sampler", choices=("ddim", "plms", "dpm"), default="ddim")
+    p.add_argument("--sampler", choices=sampler_registry.names(), default="ddim", help=sampler_registry.help_text())
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale of the guided runs")
-    p.add_argument("--precision", choices=tuple(S.PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=S.PRECISIONS, default="fp32")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
@@ -153,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     for name, (m, u, scale) in modes.items():
         def run(m: Any = m, u: Any = u, scale: float = scale) -> None:
             generator = torch.Generator().manual_seed(opt.seed)
-            with torch.no_grad(), S.precision_scope(opt.precision, device):
+            with torch.no_grad(), perf.autocast(opt.precision, device):
                 z = S.sample(m, opt.sampler, opt.steps, shape, opt.batch, c, u, scale, 0.0, generator,
                              progress=False)
                 S.decode(model, z)

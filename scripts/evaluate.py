@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.eval.pipeline import (AUTOENCODER_METRICS, GENERATIVE_METRICS, EvalSettings,  # noqa: E402
                                run_autoencoder, run_generative)
 from ldm.eval.presets import get_preset, load_presets  # noqa: E402
+from ldm.sampling import registry as sampler_registry  # noqa: E402
 
 AUTOENCODER_TARGETS = ("AutoencoderKL", "VQModel", "VQModelInterface")
 
@@ -45,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="number of samples (autoencoder: images, default all)")
-    g.add_argument("--sampler", choices=["ddim", "plms", "ddpm"])
+    g.add_argument("--sampler", choices=sampler_registry.names(), help=sampler_registry.help_text())
     g.add_argument("--steps", type=int)
     g.add_argument("--eta", type=float)
     g.add_argument("--scale", type=float, help="classifier-free guidance scale")

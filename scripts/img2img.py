@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from einops import repeat  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 TEXT_KEYS = ("txt", "caption")
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a painting of a virus monster playing guitar", help="the prompt to render")
     p.add_argument("--from-file", "--from_file", dest="from_file", help="prompts from this file, one per line")
     S.add_common_args(p, steps=50, scale=7.5, n_samples=1, outdir="outputs/img2img-samples",
-                      config="configs/stable-diffusion/v1-inference.yaml")
+                      config="configs/stable-diffusion/v1-inference.yaml", samplers=("ddim",))  # DDIM inversion
     return p
 
 
@@ -82,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     # strength 1 that index is past the grid (IndexError there): use the top of the grid
     t_noise = min(t_enc, opt.steps - 1)
     print(f"target t_enc is {t_enc} steps")
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope():
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope():
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(text or [[None] * opt.n_samples], desc="data", leave=False):
                 bs = len(prompts)

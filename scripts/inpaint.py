@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 TEXT_KEYS = ("txt", "caption")
@@ -112,14 +113,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     generator = S.seed_everything(opt.seed)
     writer = S.SampleWriter(opt.outdir)
     n = opt.n_samples
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope():
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope():
         for it in trange(opt.n_iter, desc="Sampling"):
             for (image_path, _), (image, mask) in tqdm(list(zip(pairs, inputs)), desc="images", leave=False):
                 image = image.to(device).expand(n, -1, -1, -1)
                 mask = mask.to(device).expand(n, -1, -1, -1)
                 cond, uc, paste = conditioning(model, image, mask, n * [opt.prompt], scale)
                 shape = S.latent_shape(model, image.shape[-2], image.shape[-1])
-                z = S.sample(model, opt.sampler, opt.steps, shape, n, cond, uc, scale, opt.eta, generator)
+                z = S.sample(model, opt.sampler, opt.steps, shape, n, cond, uc, scale, opt.eta, generator,
+                             **S.sampler_options(opt))
                 result = S.decode(model, z)
                 if paste:
                     known, m = ((image + 1) / 2).clamp(0, 1).cpu(), mask.cpu()

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 CLASS_KEYS = ("class_label", "cls")
@@ -59,14 +60,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     generator = S.seed_everything(opt.seed)
     writer = S.SampleWriter(opt.outdir)
     n = opt.n_samples
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope():
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope():
         uc = model.get_unconditional_conditioning(n) if opt.scale != 1.0 else None
         for _ in trange(opt.n_iter, desc="Sampling"):
             for label in tqdm(opt.classes, desc="classes", leave=False):
                 xc = {model.cond_stage_model.key: torch.full((n,), label, dtype=torch.long, device=device)}
                 c = model.get_learned_conditioning(xc)
                 z = S.sample(model, opt.sampler, opt.steps, shape, n, c, uc, opt.scale, opt.eta, generator,
-                             desc=f"class {label}")
+                             desc=f"class {label}", **S.sampler_options(opt))
                 writer.save(S.decode(model, z), names=[f"{writer.count + i:05}-class{label}" for i in range(n)])
     writer.save_grid(opt.n_rows or n)
     print(f"Samples in {opt.outdir}")

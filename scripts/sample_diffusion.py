@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 
@@ -92,9 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     writer = S.SampleWriter(outdir)
     steps = f"all {model.num_timesteps}" if opt.sampler == "ddpm" else opt.steps
     print(f"Sampling {opt.n_iter} x {opt.n_samples} images with {opt.sampler} ({steps} steps, eta {opt.eta})")
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope("Sampling"):
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope("Sampling"):
         for i in trange(opt.n_iter, desc="Sampling Batches (unconditional)"):
-            z = S.sample(model, opt.sampler, opt.steps, shape, opt.n_samples, eta=opt.eta, generator=generator)
+            z = S.sample(model, opt.sampler, opt.steps, shape, opt.n_samples, eta=opt.eta, generator=generator,
+                         **S.sampler_options(opt))
             images = S.decode(model, z)
             writer.save(images)
             if opt.npz:

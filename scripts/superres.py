@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 from ldm.sampling.noise import randn  # noqa: E402
 
@@ -94,13 +95,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     generator = S.seed_everything(opt.seed)
     writer = S.SampleWriter(opt.outdir)
     n = opt.n_samples
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope():
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope():
         for it in trange(opt.n_iter, desc="Sampling"):
             for path, lr in tqdm(list(zip(paths, images)), desc="images", leave=False):
                 lr = lr.to(device).expand(n, -1, -1, -1)
                 cond, uc = conditioning(model, lr, opt.prompt, scale, opt.noise_level, generator)
                 shape = (model.channels, lr.shape[-2], lr.shape[-1])
-                z = S.sample(model, opt.sampler, opt.steps, shape, n, cond, uc, scale, opt.eta, generator)
+                z = S.sample(model, opt.sampler, opt.steps, shape, n, cond, uc, scale, opt.eta, generator,
+                             **S.sampler_options(opt))
                 stem = path.stem + (f"_{it}" if opt.n_iter > 1 else "")
                 writer.save(S.decode(model, z), names=[stem] if n == 1 else [f"{stem}_{k}" for k in range(n)])
     writer.save_grid(opt.n_rows or max(n, min(len(paths), 4)))

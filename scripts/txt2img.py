@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm, trange  # noqa: E402
 
+from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
 
 TEXT_KEYS = ("txt", "caption")
@@ -49,13 +50,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     generator = S.seed_everything(opt.seed)
     writer = S.SampleWriter(opt.outdir)
     start_code = S.initial_noise(model, opt.n_samples, shape, generator) if opt.fixed_code else None
-    with torch.no_grad(), S.precision_scope(opt.precision, device), model.ema_scope():
+    with torch.no_grad(), perf.autocast(opt.precision, device), model.ema_scope():
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data", leave=False):
                 c, uc = S.text_conditioning(model, prompts, opt.scale)
                 x_T = start_code[:len(prompts)] if start_code is not None else None
                 z = S.sample(model, opt.sampler, opt.steps, shape, len(prompts), c, uc, opt.scale, opt.eta,
-                             generator, x_T=x_T)
+                             generator, x_T=x_T, **S.sampler_options(opt))
                 writer.save(S.decode(model, z))
     writer.save_grid(opt.n_rows or opt.n_samples)
     print(f"Your samples are ready and waiting for you here:\n{opt.outdir}")

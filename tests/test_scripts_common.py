@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from ldm import perf
 from ldm import scripting as S
 
 _SCRIPTS: dict[str, Any] = {}
@@ -105,17 +106,17 @@ def test_tiny_checkpoint_overrides_and_seed(tmp_path):
 # ----------------------------------------------------------------------------------------
 # ldm.scripting
 # ----------------------------------------------------------------------------------------
-def test_precision_scope():
+def test_precision_scope():  # the one autocast table: ldm.perf.autocast
     with pytest.warns(UserWarning, match="fp16 is not supported on CPU"):
-        ctx = S.precision_scope("fp16", "cpu")
+        ctx = perf.autocast("fp16", "cpu")
     with ctx:
         assert not torch.is_autocast_enabled("cpu")
-    with S.precision_scope("bf16", "cpu"):
+    with perf.autocast("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with S.precision_scope("fp32", "cpu"):
+        with perf.autocast("fp32", "cpu"):
             assert not torch.is_autocast_enabled("cpu")
 
 

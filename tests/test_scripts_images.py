@@ -121,4 +121,4 @@ def test_img2img_strength(tiny, tmp_path):
     with pytest.raises(SystemExit, match=r"input image not found: '.*nothing\.png'"):
         img2img(cfg, ckpt, tmp_path / "d", "--init-img", str(tmp_path / "nothing.png"))
     with pytest.raises(SystemExit, match=r"DDIM only"):
-        img2img(cfg, ckpt, tmp_path / "d", "--init-img", str(init), "--sampler", "plms")
+        img2img(cfg, ckpt, tmp_path / "d", "--init-img", str(init), "--plms")   # --sampler offers ddim only

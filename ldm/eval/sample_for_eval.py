@@ -158,8 +158,8 @@ def distributed_env() -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------
 @dataclass
 class SamplerSettings:
-    sampler: str = "ddim"             # ddim | plms | ddpm (ancestral, model.sample)
-    steps: int = 200                  # sampler steps (ddim / plms)
+    sampler: str = "ddim"             # a name of ldm.sampling.registry (ddim, plms, dpm, ddpm, euler, ...)
+    steps: int = 200                  # sampler steps (ignored by ddpm: all training steps)
     eta: float = 1.0                  # DDIM eta (0 = deterministic)
     scale: float = 1.0                # classifier-free guidance scale (1 = off)
     uncond_label: Optional[int] = None  # class id of the "null" class for guidance (cin256-v2: 1000)
@@ -181,23 +181,12 @@ def latent_shape(model: Any) -> tuple[int, int, int]:
 
 
 def make_ldm_sample_fn(model: Any, settings: SamplerSettings) -> SampleFn:
-    """sample_fn for a LatentDiffusion with the original sampler interfaces."""
-    import inspect
+    """sample_fn for a LatentDiffusion with any sampler of `ldm.sampling.registry` (draws from the
+    global torch RNG, which the resumable loop seeds per batch)."""
+    from ldm.sampling import registry
 
     name = settings.sampler.lower()
-    sampler = None
-    if name in ("ddim", "plms"):
-        if name == "ddim":
-            from ldm.models.diffusion.ddim import DDIMSampler as cls
-        else:
-            from ldm.models.diffusion.plms import PLMSSampler as cls
-        kw = {"device": model.device} if "device" in inspect.signature(cls).parameters else {}
-        sampler = cls(model, **kw)
-    elif name != "ddpm":
-        raise ValueError(f"unknown sampler '{settings.sampler}' (ddim, plms, ddpm)")
-    elif settings.scale != 1.0:
-        raise ValueError("classifier-free guidance needs the ddim or plms sampler")
-    shape = latent_shape(model)
+    spec = registry.get(name)
 
     def cond(labels: Optional[torch.Tensor]) -> Any:
         return None if labels is None else model.get_learned_conditioning({model.cond_stage_key: labels})
@@ -210,15 +199,10 @@ def make_ldm_sample_fn(model: Any, settings: SamplerSettings) -> SampleFn:
                 if labels is None or settings.uncond_label is None:
                     raise ValueError("guidance scale != 1 needs a class-conditional model and an uncond_label")
                 uc = cond(torch.full_like(labels, settings.uncond_label))
-            if sampler is None:
-                z = model.sample(c, batch_size=len(x_T), x_T=x_T, verbose=False)
-            else:
-                kw = dict(S=settings.steps, batch_size=len(x_T), shape=shape, conditioning=c, x_T=x_T,
-                          verbose=False, unconditional_guidance_scale=settings.scale,
-                          unconditional_conditioning=uc)
-                if name == "ddim":
-                    kw["eta"] = settings.eta
-                z, _ = sampler.sample(**kw)
+            options = {"clip_denoised": bool(getattr(model, "clip_denoised", False))} \
+                if "clip_denoised" in spec.defaults else {}
+            z = registry.sample(name, model, x_T, settings.steps, cond=c, uncond=uc,
+                                scale=settings.scale, eta=settings.eta if spec.uses_eta else 0.0, **options)
             return model.decode_first_stage(z).clamp(-1, 1)
 
     return sample_fn

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ldm.diffusion.denoiser import Denoiser, with_score_corrector
-from ldm.diffusion.schedule import Schedule
+from ldm.sampling.registry import model_denoiser as model_denoiser_unguided
 from ldm.sampling.ddim import EpsFn, ddim_invert, ddim_step, sample_ddim, stochastic_encode
 from ldm.sampling.guidance import cond_batch_size, guidance, split_prediction
 from ldm.sampling.noise import randn
@@ -53,9 +53,7 @@ def model_denoiser(model: Any, uncond: Any = None, scale: Any = 1.0, *, guidance
     parameterization = getattr(model, "parameterization", "eps")
     if score_corrector is not None and parameterization != "eps":
         raise NotImplementedError("score_corrector needs an eps-parameterized model (as the original)")
-    den = model.denoiser() if hasattr(model, "denoiser") else Denoiser.discrete(
-        model.apply_model, Schedule.of(model), parameterization)
-    den = den.with_network(guidance(uncond, scale, guidance_rescale))
+    den = model_denoiser_unguided(model).with_network(guidance(uncond, scale, guidance_rescale))
     if score_corrector is not None:
         den = den.with_network(with_score_corrector(model, score_corrector, corrector_kwargs))
     return den

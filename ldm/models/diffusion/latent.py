@@ -352,14 +352,16 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1., return_keys=None,
                    quantize_denoised=True, inpaint=True, plot_denoise_rows=False, plot_progressive_rows=True,
                    plot_diffusion_rows=True, unconditional_guidance_scale=1., unconditional_guidance_label=None,
-                   use_ema_scope=True, **kwargs):
+                   use_ema_scope=True, sampler=None, **kwargs):
+        # sampler: a name of ldm.sampling.registry for the samples / cfg rows (default: DDIM, as the original)
         from ldm.models.diffusion.logging import log_images_ldm
         return log_images_ldm(self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps,
                               ddim_eta=ddim_eta, return_keys=return_keys, quantize_denoised=quantize_denoised,
                               inpaint=inpaint, plot_denoise_rows=plot_denoise_rows,
                               plot_progressive_rows=plot_progressive_rows, plot_diffusion_rows=plot_diffusion_rows,
                               unconditional_guidance_scale=unconditional_guidance_scale,
-                              unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope)
+                              unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope,
+                              sampler=sampler)
 
 
 __all__ = ["LatentDiffusion"]

@@ -138,8 +138,21 @@ class LatentSamplingMixin:
                                   mask=mask, x0=x0)
 
     @torch.no_grad()
-    def sample_log(self, cond, batch_size, ddim, ddim_steps, **kwargs):
-        """DDIM (ddim=True, `ddim_steps` steps) or ancestral samples and intermediates for image logs."""
+    def sample_log(self, cond, batch_size, ddim, ddim_steps, sampler=None, **kwargs):
+        """Samples and intermediates for image logs: DDIM (ddim=True, `ddim_steps` steps) or ancestral,
+        or any registered `sampler` (ldm.sampling.registry; no intermediates) for the rows it can draw
+        (the masked / quantized rows stay with DDIM, the only sampler taking them)."""
+        ddim_only = any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in ("mask", "x0", "quantize_x0"))
+        if sampler is not None and sampler != "ddim" and not ddim_only:
+            from ldm.sampling import registry
+            spec = registry.get(sampler)
+            shape = (batch_size, self.channels, self.image_size, self.image_size)
+            options = {"clip_denoised": self.clip_denoised} if "clip_denoised" in spec.defaults else {}
+            z = registry.sample(sampler, self, registry.initial_noise(self, shape), ddim_steps or 50, cond=cond,
+                                uncond=kwargs.get("unconditional_conditioning"),
+                                scale=kwargs.get("unconditional_guidance_scale", 1.0),
+                                eta=kwargs.get("eta", 0.0) if spec.uses_eta else 0.0, **options)
+            return z, None
         if ddim:
             from ldm.models.diffusion.ddim import DDIMSampler
             shape = (self.channels, self.image_size, self.image_size)

@@ -100,10 +100,10 @@ def diffusion_grid(model, z: Tensor, n_row: int) -> Tensor:
 def log_images_ldm(model, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1., return_keys=None,
                    quantize_denoised=True, inpaint=True, plot_denoise_rows=False, plot_progressive_rows=True,
                    plot_diffusion_rows=True, unconditional_guidance_scale=1., unconditional_guidance_label=None,
-                   use_ema_scope=True) -> dict[str, Tensor]:
+                   use_ema_scope=True, sampler=None) -> dict[str, Tensor]:
     ema_scope = model.ema_scope if use_ema_scope else nullcontext
     use_ddim = ddim_steps is not None
-    sample_kw = dict(batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta)
+    sample_kw = dict(batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta, sampler=sampler)
     log: dict[str, Any] = {}
     z, c, x, xrec, xc = model.get_input(batch, model.first_stage_key, return_first_stage_outputs=True,
                                         force_c_encode=True, return_original_cond=True, bs=N)
@@ -118,7 +118,7 @@ def log_images_ldm(model, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim
         with ema_scope("Sampling"):
             samples, z_denoise_row = model.sample_log(cond=c, **sample_kw)
         log["samples"] = model.decode_first_stage(samples)
-        if plot_denoise_rows:
+        if plot_denoise_rows and z_denoise_row is not None:
             log["denoise_row"] = denoise_grid(model, z_denoise_row)
         if quantize_denoised and hasattr(model.first_stage_model, "quantize"):   # VQ first stages
             with ema_scope("Plotting Quantized Denoised"):
