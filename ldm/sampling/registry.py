@@ -170,3 +170,62 @@ register("dpm", _dpm, "DPM-Solver++ 2M (Lu et al. 2022), as SD2",
          defaults={"order": 2, "skip_type": "time_uniform", "guidance_rescale": 0.0})
 register("ddpm", _ddpm, "ancestral DDPM (Ho et al. 2020), all training steps", fixed_steps=True,
          defaults={"clip_denoised": False, "guidance_rescale": 0.0})
+
+
+# ----------------------------------------------------------------------------------------
+# The k-diffusion family (ldm.sampling.k_diffusion): the model's eps predictor as a VE denoiser
+# ----------------------------------------------------------------------------------------
+def vp_fractional_coefficients(schedule: Schedule):
+    """(t, x) -> Coefficients at fractional timesteps: sigma_VE = exp(log-sigma interpolated between
+    the discrete steps), alpha = 1 / sqrt(1 + sigma^2), sigma_VP = sigma_VE alpha (what the VE
+    denoiser's input scaling assumes); integer t reads the schedule's buffers as usual."""
+    from ldm.diffusion.schedule import Coefficients
+    from ldm.sampling.guidance import batch_view
+    from ldm.sampling.k_diffusion import _interp_log_sigma, vp_sigmas
+    log_sigmas = vp_sigmas(schedule.alphas_cumprod).log()
+
+    def coefficients(t: Tensor, x: Tensor) -> Coefficients:
+        if not t.is_floating_point():
+            return schedule.coefficients(t, x.shape)
+        s = _interp_log_sigma(t.double(), log_sigmas.to(t.device)).exp()
+        alpha = (1 + s ** 2).rsqrt()
+        return Coefficients.from_alpha_sigma(batch_view(alpha, x).to(x.dtype), batch_view(s * alpha, x).to(x.dtype))
+    return coefficients
+
+
+def k_sigmas(vp_denoiser: Any, alphas_cumprod: Tensor, steps: int, sigma_schedule: str) -> Tensor:
+    from ldm.sampling import k_diffusion as K
+    if sigma_schedule == "karras":
+        return K.get_sigmas_karras(steps, vp_denoiser.sigma_min, vp_denoiser.sigma_max)
+    if sigma_schedule == "uniform":
+        return K.get_sigmas_uniform(alphas_cumprod, steps)
+    if sigma_schedule == "trailing":
+        return K.get_sigmas_trailing(alphas_cumprod, steps)
+    raise ValueError(f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {sigma_schedule!r}")
+
+
+def k_sampler(function_name: str) -> SamplerFn:
+    """A registry entry over `ldm.sampling.k_diffusion.<function_name>`."""
+    def run(den, schedule, x_T, steps, *, cond, uncond, scale, eta, generator, callback, sigma_schedule="karras",
+            guidance_rescale=0.0, ancestral_eta=None):
+        # the ancestral samplers' own eta (1 = full ancestral noise); the DDIM-style `eta` is unused
+        from ldm.sampling import k_diffusion as K
+        k_options = {} if ancestral_eta is None else {"eta": ancestral_eta}
+        frac = Denoiser(den.network, vp_fractional_coefficients(schedule), den.parameterization)
+        eps_fn = frac.with_network(guidance(uncond, scale, guidance_rescale)).eps_fn(cond)
+        vp = K.DiscreteVPDenoiser(eps_fn, schedule.alphas_cumprod)
+        sigmas = k_sigmas(vp, schedule.alphas_cumprod, steps, sigma_schedule)
+        x = x_T * float(sigmas[0])
+        return getattr(K, function_name)(vp, x, sigmas, generator=generator, callback=_step_cb(callback), **k_options)
+    return run
+
+
+_K = {"sigma_schedule": "karras", "guidance_rescale": 0.0}
+register("euler", k_sampler("sample_euler"), "Euler on the probability-flow ODE (Karras et al. 2022)", defaults=_K)
+register("euler_a", k_sampler("sample_euler_ancestral"), "Euler ancestral (k-diffusion), stochastic",
+         defaults={**_K, "ancestral_eta": 1.0})
+register("heun", k_sampler("sample_heun"), "Heun 2nd order (Karras et al. 2022), 2 calls per step", defaults=_K)
+register("dpmpp_2m", k_sampler("sample_dpmpp_2m"), "DPM++ 2M (Lu et al. 2022) on the k-diffusion sigmas",
+         defaults=_K)
+register("dpmpp_2m_sde", k_sampler("sample_dpmpp_2m_sde"), "DPM++ 2M SDE (k-diffusion), stochastic",
+         defaults={**_K, "ancestral_eta": 1.0})
