@@ -272,3 +272,20 @@ def __getattr__(name: str):
         import importlib
         return getattr(importlib.import_module("ldm.sampling.schedule_view"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def rescale_zero_terminal_snr(betas: Union[np.ndarray, torch.Tensor]) -> Union[np.ndarray, torch.Tensor]:
+    """Betas rescaled so that the last step has zero SNR (abar_T = 0), Lin et al. 2024, Alg. 1.
+
+    sqrt(abar) is shifted by its last value and scaled to keep its first: abar_1 is unchanged,
+    abar_T = 0 exactly, so beta_T = 1 (train with the v target: eps is undefined at SNR 0).
+    Computed in the input's type and dtype (numpy or torch)."""
+    is_torch = torch.is_tensor(betas)
+    cumprod = (lambda a: torch.cumprod(a, dim=0)) if is_torch else np.cumprod
+    concat = torch.cat if is_torch else np.concatenate
+    sqrt_abar = cumprod(1.0 - betas) ** 0.5
+    first, last = sqrt_abar[0] * 1, sqrt_abar[-1] * 1          # copies (the shift is in place below)
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
+    abar = sqrt_abar ** 2
+    alphas = concat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas

@@ -89,3 +89,17 @@ def cond_batch_size(cond: Cond) -> Optional[int]:
     while isinstance(cond, (dict, list, tuple)) and len(cond):
         cond = next(iter(cond.values())) if isinstance(cond, dict) else cond[0]
     return cond.shape[0] if isinstance(cond, Tensor) else None
+
+
+def rescale_noise_cfg(guided: Tensor, cond_out: Tensor, guidance_rescale: float) -> Tensor:
+    """Guidance rescale (Lin et al. 2024, §3.4, Eq. 15-16, phi = guidance_rescale):
+
+        rescaled = guided * std(cond_out) / std(guided)       (per sample, over all non-batch dims)
+        out      = phi * rescaled + (1 - phi) * guided
+
+    undoes the over-exposure of large guidance scales; phi = 0 returns `guided` unchanged."""
+    if guidance_rescale == 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided

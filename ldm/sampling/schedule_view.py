@@ -163,3 +163,33 @@ class DiscreteVPSchedule:
             lam = self.marginal_lambda(torch.tensor([t_T, t_0], dtype=dtype))
             return self.inverse_lambda(torch.linspace(float(lam[0]), float(lam[1]), n + 1, dtype=dtype)).to(device)
         raise ValueError(f"unsupported skip_type '{skip_type}' (time_uniform, time_quadratic or logSNR)")
+
+
+# ----------------------------------------------------------------------------------------
+# Timestep spacings (Lin et al. 2024, Table 2; diffusers' `timestep_spacing`)
+# ----------------------------------------------------------------------------------------
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+    """The `num_steps` training timesteps a sampler visits, increasing (like make_ddim_timesteps).
+
+    leading:  0, c, 2c, ... with c = N // S, plus `steps_offset` (SD's offset 1 gives the
+              original's uniform DDIM grid)
+    trailing: round(N - i N/S) - 1, i = S-1..0: the grid ends at t = N-1 (needed with a
+              zero-terminal-SNR schedule, where the first step must see pure noise)
+    linspace: round(linspace(0, N-1, S))
+    As diffusers' DDIMScheduler, `steps_offset` only moves the leading grid; timesteps >= N are
+    dropped (only steps_offset > 0 at S = N produces one)."""
+    if not 0 < num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    if spacing == "leading":
+        steps = np.arange(0, num_steps) * (num_train_timesteps // num_steps) + steps_offset
+    elif spacing == "trailing":
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))[::-1] - 1
+    elif spacing == "linspace":
+        steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()
+    else:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    steps = steps.astype(np.int64)
+    return steps[steps < num_train_timesteps]
