@@ -87,8 +87,11 @@ def schedule_arrays(betas: Union[np.ndarray, Sequence[float]], v_posterior: floa
         "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
         "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
         "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        # inf at abar_T = 0 (zero terminal SNR): v models never divide by them
+        "sqrt_recip_alphas_cumprod": np.sqrt(np.divide(1.0, alphas_cumprod, where=alphas_cumprod > 0,
+                                                       out=np.full_like(alphas_cumprod, np.inf))),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(np.divide(1.0, alphas_cumprod, where=alphas_cumprod > 0,
+                                                         out=np.full_like(alphas_cumprod, np.inf)) - 1),
         "posterior_variance": posterior_variance,
         # clipped: the posterior variance is 0 at the first step of the chain
         "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),

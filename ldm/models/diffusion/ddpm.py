@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import perf
 from ldm.diffusion import objectives as obj
-from ldm.diffusion.conditioning import CONDITIONING_KEYS, WRAPPER_KEYS, apply_ucg
+from ldm.diffusion.conditioning import CONDITIONING_KEYS, WRAPPER_KEYS, WRAPPER_ROUTES, apply_ucg
 from ldm.diffusion.denoiser import Denoiser, check_parameterization
 from ldm.diffusion.recipes import TrainingNoise, build_weighting
 from ldm.diffusion.schedule import Schedule, betas_from_config, register_schedule_buffers, schedule_tensors
@@ -102,18 +102,18 @@ class DiffusionWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
                 c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None):
-        key = self.conditioning_key
+        route = WRAPPER_ROUTES[self.conditioning_key]
         kwargs: dict[str, Any] = {}
-        if key in ("concat", "hybrid", "hybrid-adm"):
+        if route.concat:
             x = torch.cat([x] + list(c_concat), dim=1)
-        if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm"):
-            sequential = key == "crossattn" and self.sequential_cross_attn
+        if route.context:
+            sequential = self.conditioning_key == "crossattn" and self.sequential_cross_attn
             kwargs["context"] = c_crossattn if sequential else torch.cat(c_crossattn, 1)
-        if key in ("hybrid-adm", "crossattn-adm"):
+        if route.y == "c_adm":
             if c_adm is None:
-                raise ValueError(f"conditioning_key '{key}' needs c_adm")
+                raise ValueError(f"conditioning_key '{self.conditioning_key}' needs c_adm")
             kwargs["y"] = c_adm
-        elif key == "adm":
+        elif route.y == "c_crossattn":
             kwargs["y"] = c_crossattn[0]
         return self.diffusion_model(x, t, **kwargs)
 

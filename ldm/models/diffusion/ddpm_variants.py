@@ -129,7 +129,9 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                 sd[k] = new_entry
         return sd
 
-    def concat_conditioning(self, batch, z: torch.Tensor, bs: Optional[int]) -> torch.Tensor:
+    def concat_conditioning(self, batch, z: torch.Tensor, bs: Optional[int]
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (c_concat (B, C', h, w), c_adm or None: a noise level that also conditions the UNet)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -140,10 +142,10 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                                               force_c_encode=True, return_original_cond=True, bs=bs)
         if not exists(self.concat_keys):
             raise ValueError("concat_keys must be set")
-        all_conds = {"c_concat": [self.concat_conditioning(batch, z, bs)], "c_crossattn": [c]}
-        extra = getattr(self, "_c_adm", None)
-        if extra is not None:
-            all_conds["c_adm"] = extra
+        c_cat, c_adm = self.concat_conditioning(batch, z, bs)
+        all_conds = {"c_concat": [c_cat], "c_crossattn": [c]}
+        if c_adm is not None:
+            all_conds["c_adm"] = c_adm
         if return_first_stage_outputs:
             return z, all_conds, x, xrec, xc
         return z, all_conds
@@ -201,7 +203,7 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
             else:
                 cc = self.get_first_stage_encoding(self.encode_first_stage(cc))
             c_cat.append(cc)
-        return torch.cat(c_cat, dim=1)
+        return torch.cat(c_cat, dim=1), None
 
     @torch.no_grad()
     def log_images(self, batch, *args, **kwargs):
@@ -227,7 +229,7 @@ class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
             cc = cc[:bs].to(self.device)
         cc = F.interpolate(self.depth_model(cc), size=z.shape[2:], mode="bicubic", align_corners=False)
         lo, hi = torch.amin(cc, dim=[1, 2, 3], keepdim=True), torch.amax(cc, dim=[1, 2, 3], keepdim=True)
-        return 2. * (cc - lo) / (hi - lo + 0.001) - 1.
+        return 2. * (cc - lo) / (hi - lo + 0.001) - 1., None
 
     @torch.no_grad()
     def log_images(self, batch, *args, **kwargs):
@@ -257,7 +259,6 @@ class LatentUpscaleFinetuneDiffusion(LatentFinetuneDiffusion):
     def concat_conditioning(self, batch, z, bs):
         if len(self.concat_keys) != 1:
             raise ValueError("upscaling-ft takes exactly one concat key")
-        self._c_adm = None
         ck = self.concat_keys[0]
         cc = rearrange(batch[ck], "b h w c -> b c h w")
         if exists(self.reshuffle_patch_size):
@@ -266,8 +267,8 @@ class LatentUpscaleFinetuneDiffusion(LatentFinetuneDiffusion):
         if bs is not None:
             cc = cc[:bs].to(self.device)
         if exists(self.low_scale_model) and ck == self.low_scale_key:
-            cc, self._c_adm = self.low_scale_model(cc)
-        return cc
+            return self.low_scale_model(cc)     # (noise-augmented image, its noise level)
+        return cc, None
 
     @torch.no_grad()
     def log_images(self, batch, *args, **kwargs):

@@ -19,15 +19,11 @@ from pytorch_lightning.utilities import rank_zero_info
 from ldm import perf
 from ldm.diffusion import objectives as obj
 from ldm.diffusion import tiling
-from ldm.diffusion.conditioning import make_cond_ids, wrap_cond
+from ldm.diffusion.conditioning import ConditioningDropout, cond_route, make_cond_ids, wrap_cond
 from ldm.models.diffusion.ddpm import DDPM, freeze
 from ldm.models.diffusion.latent_sampling import LatentSamplingMixin
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
-
-_RAW_COND_KEYS = ("caption", "coordinates_bbox", "txt")   # batch values passed to the cond stage as they are
-_CLASS_COND_KEYS = ("class_label", "cls")                  # the cond stage gets the whole batch dict
-_SPATIAL_COND_KEYS = ("image", "LR_image", "segmentation", "bbox_img")   # tiled alongside z (split_input_params)
 
 
 class LatentDiffusion(LatentSamplingMixin, DDPM):
@@ -45,6 +41,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                  scale_factor: float = 1.0,
                  scale_by_std: bool = False,
                  force_null_conditioning: bool = False,
+                 ucg_rate: Any = None,
                  *args, **kwargs):
         # first_stage_config: {target, params} of the frozen autoencoder E/D (first_stage_model)
         # cond_stage_config: {target, params} of tau (cond_stage_model), or "__is_first_stage__" (reuse the
@@ -58,6 +55,9 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         # scale_factor: z = scale_factor * E(x) (unit-variance latents)
         # scale_by_std: set scale_factor = 1/std(z) from the first training batch (then a buffer)
         # force_null_conditioning: keep conditioning_key although the model is unconditional (SD2)
+        # ucg_rate: conditioning dropout while training, for classifier-free guidance (not in the original):
+        #   p for the cond stage's conditioning, or {cond: p, c_concat: p, c_adm: p}; see
+        #   ldm.diffusion.conditioning.ConditioningDropout
         # remaining args: DDPM's
         self.force_null_conditioning = force_null_conditioning
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
@@ -72,6 +72,9 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
+        self.conditioning_dropout = ConditioningDropout(ucg_rate, cond_route(cond_stage_key))
+        if self.conditioning_dropout and self.model.conditioning_key is None:
+            raise ValueError("ucg_rate is set but the model is unconditional")
         try:
             self.num_downs = len(first_stage_config["params"]["ddconfig"]["ch_mult"]) - 1
         except (KeyError, TypeError):
@@ -227,11 +230,12 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             raise ValueError(f"this batch carries cached latents ('{perf.LATENT_KEY}') but no '{k}' images, "
                              "which return_first_stage_outputs / return_x / cond_key == first_stage_key need")
         if conditional:
-            if cond_key == self.first_stage_key:
+            read = "first_stage" if cond_key == self.first_stage_key else cond_route(cond_key).read
+            if read == "first_stage":
                 xc = x
-            elif cond_key in _RAW_COND_KEYS:
+            elif read == "raw":
                 xc = batch[cond_key]
-            elif cond_key in _CLASS_COND_KEYS:
+            elif read == "batch":
                 xc = batch
             else:
                 xc = super().get_input(batch, cond_key).to(self.device)
@@ -254,8 +258,47 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
 
     # ------------------------------------------------------------------ denoiser and loss (LDM Eq. 2)
     def shared_step(self, batch, **kwargs):
+        dropout = self.conditioning_dropout if self.training else None
+        if dropout:
+            batch = self._drop_cond_input(batch, dropout)
         x, c = self.get_input(batch, self.first_stage_key)
+        if dropout:
+            c = self._drop_cond_slots(c, dropout)
         return self(x, c)
+
+    def _drop_cond_input(self, batch, dropout: ConditioningDropout):
+        """ucg_rate on the cond stage's input (text -> "", class -> the null class), before encoding."""
+        null = dropout.route.null
+        if null not in ("empty_prompt", "null_class"):
+            return batch
+        key = getattr(self.cond_stage_model, "key", self.cond_stage_key) if null == "null_class" else self.cond_stage_key
+        drop = dropout.draw("cond", len(batch[key]), self.device)
+        if drop is None:
+            return batch
+        if null == "empty_prompt":
+            return {**batch, key: dropout.drop_raw(batch[key], drop)}
+        nulls = self.cond_stage_model.get_unconditional_conditioning(len(drop), device=self.device)
+        return {**batch, **dropout.drop_raw({key: batch[key]}, drop, null_class=nulls)}
+
+    def _drop_cond_slots(self, c, dropout: ConditioningDropout):
+        """ucg_rate on encoded conditionings: a spatial cond stage, c_concat and c_adm are zeroed."""
+        n = len(c["c_concat"][0] if isinstance(c, Mapping) and "c_concat" in c else
+                (c["c_crossattn"][0] if isinstance(c, Mapping) else (c[0] if isinstance(c, list) else c)))
+        if dropout.route.null == "zeros":
+            drop = dropout.draw("cond", n, self.device)
+            if drop is not None:
+                if isinstance(c, Mapping):
+                    key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+                    c = {**c, key: dropout.zero(c[key], drop)}
+                else:
+                    c = dropout.zero(c, drop)
+        for slot in ("c_concat", "c_adm"):
+            drop = dropout.draw(slot, n, self.device)
+            if drop is not None:
+                if not isinstance(c, Mapping) or slot not in c:
+                    raise ValueError(f"ucg_rate.{slot}: this model's conditioning has no {slot}")
+                c = {**c, slot: dropout.zero(c[slot], drop)}
+        return c
 
     def forward(self, x, c, *args, **kwargs):
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
@@ -288,7 +331,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         if len(cond) != 1:
             raise NotImplementedError("split_input_params handles exactly one kind of conditioning")
         n_patches = ((x_noisy.shape[-2] - ks[0]) // stride[0] + 1) * ((x_noisy.shape[-1] - ks[1]) // stride[1] + 1)
-        if self.cond_stage_key in _SPATIAL_COND_KEYS and self.model.conditioning_key:
+        if cond_route(self.cond_stage_key).tiled and self.model.conditioning_key:
             (c_key, c), = cond.items()
             if len(c) != 1:
                 raise NotImplementedError("split_input_params handles a single spatial conditioning")

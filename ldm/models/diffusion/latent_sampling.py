@@ -13,7 +13,7 @@ import torch
 from einops import repeat
 from omegaconf import ListConfig
 
-from ldm.diffusion.conditioning import slice_cond
+from ldm.diffusion.conditioning import cond_route, slice_cond
 from ldm.diffusion.denoiser import Denoiser, with_score_corrector
 from ldm.sampling.noise import ancestral_step, dropout, randn
 
@@ -168,7 +168,7 @@ class LatentSamplingMixin:
             if not isinstance(xc, (dict, list)) and hasattr(xc, "to"):
                 xc = xc.to(self.device)
             c = self.get_learned_conditioning(xc)
-        elif self.cond_stage_key in ("class_label", "cls"):
+        elif cond_route(self.cond_stage_key).null == "null_class":
             xc = self.cond_stage_model.get_unconditional_conditioning(batch_size, device=self.device)
             return self.get_learned_conditioning(xc)
         else:

@@ -15,6 +15,7 @@ import torch
 from einops import rearrange, repeat
 from torchvision.utils import make_grid
 
+from ldm.diffusion.conditioning import cond_route
 from ldm.util import isimage, ismap, log_txt_as_img
 
 Tensor = torch.Tensor
@@ -79,10 +80,10 @@ def conditioning_logs(model, batch, c, xc, x: Tensor) -> dict[str, Tensor]:
     if hasattr(model.cond_stage_model, "decode"):
         xc = model.cond_stage_model.decode(c)
         log["conditioning"] = xc
-    elif model.cond_stage_key in ("caption", "txt"):
+    elif cond_route(model.cond_stage_key).log == "text":
         xc = log_txt_as_img((x.shape[2], x.shape[3]), batch[model.cond_stage_key], size=size)
         log["conditioning"] = xc
-    elif model.cond_stage_key in ("class_label", "cls"):
+    elif cond_route(model.cond_stage_key).log == "class":
         if "human_label" in batch:
             xc = log_txt_as_img((x.shape[2], x.shape[3]), batch["human_label"], size=size)
             log["conditioning"] = xc
