@@ -150,20 +150,11 @@ def strip_ckpt_paths(node: Any) -> Any:
     return node
 
 
-@contextlib.contextmanager
-def random_hub_weights() -> Iterator[None]:
+def random_hub_weights() -> contextlib.AbstractContextManager:
     """Build CLIP / OpenCLIP text encoders without their pretrained files: the checkpoint
     loaded next holds their weights (as the released SD checkpoints do)."""
-    from ldm.modules.encoders.hub import RANDOM_WEIGHTS_ENV
-    old = os.environ.get(RANDOM_WEIGHTS_ENV)
-    os.environ[RANDOM_WEIGHTS_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(RANDOM_WEIGHTS_ENV, None)
-        else:
-            os.environ[RANDOM_WEIGHTS_ENV] = old
+    from ldm import settings
+    return settings.override(random_hub_weights=True)
 
 
 def load_config(config: Union[PathLike, Mapping]) -> dict:

@@ -40,7 +40,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -98,9 +97,10 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(cfg: Any, device: torch.device, seed: int = 0) -> Any:
-    os.environ.setdefault("LDM_RANDOM_HUB_WEIGHTS", "1")
+    from ldm import settings
     torch.manual_seed(seed)
-    model = instantiate_from_config(cfg)
+    with settings.override(random_hub_weights=True):
+        model = instantiate_from_config(cfg)
     randomize(model.model, seed)
     if getattr(model, "use_ema", False):
         model.model_ema = type(model.model_ema)(model.model)

@@ -18,7 +18,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-RANDOM_WEIGHTS_ENV = "LDM_RANDOM_HUB_WEIGHTS"
+from ldm import settings
+
+RANDOM_WEIGHTS_ENV = settings.RANDOM_HUB_WEIGHTS_ENV
 Text = Union[str, list[str]]
 
 
@@ -30,7 +32,7 @@ def use_pretrained(pretrained: bool) -> bool:
     """Load pretrained weights? Not on the meta device, not when random weights were asked for."""
     if torch.get_default_device().type == "meta":
         return False
-    return pretrained and os.environ.get(RANDOM_WEIGHTS_ENV, "").lower() not in ("1", "true", "yes")
+    return pretrained and not settings.current().random_hub_weights
 
 
 def missing(what: str, where: str, weights: bool = True) -> HubWeightsMissing:

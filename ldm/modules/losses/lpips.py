@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from ldm import settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def lpips_linear_weights_path() -> Optional[Path]:
 
 
 def random_weights_requested() -> bool:
-    return os.environ.get("LDM_LPIPS_RANDOM", "").strip().lower() in ("1", "true", "yes")
+    return settings.current().lpips_random
 
 
 class ScalingLayer(nn.Module):
