@@ -216,3 +216,37 @@ def test_ucg_rate_zeroes_concat_and_hybrid_slots(monkeypatch):
         ConditioningDropout({"text": 0.1}, cond_route("caption"))
     with pytest.raises(ValueError, match="unconditional"):
         _ldm(ucg_rate=0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# The v-objective switch: one key on every shipped diffusion config
+# ----------------------------------------------------------------------------------------
+def _shipped_diffusion_configs():
+    from conftest import ROOT
+    paths = sorted((ROOT / "configs").glob("ldm/*.yaml")) + sorted((ROOT / "configs").glob("stable-diffusion/*.yaml"))
+    return [p for p in paths + [ROOT / "configs/quickstart/ldm_digits.yaml"] if p.is_file()]
+
+
+@pytest.mark.slow
+def test_every_shipped_config_switches_to_v_with_one_key(tmp_path):
+    from ldm import scripting as S
+    from test_scripts_common import script
+    tiny_model = script("make_tiny_checkpoint").tiny_model
+    configs = _shipped_diffusion_configs()
+    assert len(configs) >= 15
+    for path in configs:
+        model_cfg = tiny_model(S.strip_ckpt_paths(S.load_config(path)["model"]), tmp_path)
+        model_cfg["params"]["parameterization"] = "v"
+        with S.random_hub_weights():
+            model = instantiate_from_config(model_cfg)
+        assert model.parameterization == "v" and bool((model.lvlb_weights == 1).all()), path.name
+        z = torch.randn(2, model.channels, 4, 4)
+        noise, t = torch.randn_like(z), torch.tensor([3, 700])
+        model.apply_model = lambda x, tt, c: torch.zeros_like(x)        # the loss is then |v target|
+        loss, _ = model.diffusion_loss(z, None, t, noise)
+        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        v = a.sqrt() * noise - (1 - a).sqrt() * z
+        per = (v.abs() if model.loss_type == "l1" else v ** 2).mean(dim=(1, 2, 3))
+        lv = model.logvar[t]
+        expect = model.l_simple_weight * (per / lv.exp() + lv).mean() + model.original_elbo_weight * per.mean()
+        assert float(loss) == pytest.approx(float(expect), rel=1e-5), path.name
