@@ -54,25 +54,15 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm import perf  # noqa: E402
+from ldm.scripting import strip_ckpt_paths  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------
-def strip_ckpt_paths(node: Any) -> None:
-    if OmegaConf.is_dict(node):
-        node.pop("ckpt_path", None)
-        for k in list(node.keys()):
-            strip_ckpt_paths(node[k])
-    elif OmegaConf.is_list(node):
-        for v in node:
-            strip_ckpt_paths(v)
-
-
 def load_model_config(path: str, *, checkpoint: Optional[bool], channels_last: bool, compile_unet: bool) -> Any:
-    cfg = OmegaConf.load(path).model
-    strip_ckpt_paths(cfg)
+    cfg = OmegaConf.create(strip_ckpt_paths(OmegaConf.to_container(OmegaConf.load(path).model, resolve=True)))
     unet = cfg.params.unet_config.params
     if checkpoint is not None:
         unet.use_checkpoint = checkpoint

@@ -177,7 +177,9 @@ def model_class_info(model: Any) -> Optional[int]:
 
 
 def latent_shape(model: Any) -> tuple[int, int, int]:
-    return int(model.channels), int(model.image_size), int(model.image_size)
+    """(C, h, w) of the model's training-size samples (the one definition: ldm.scripting.latent_shape)."""
+    from ldm.scripting import latent_shape as shape_of
+    return shape_of(model)
 
 
 def make_ldm_sample_fn(model: Any, settings: SamplerSettings) -> SampleFn:
@@ -209,11 +211,7 @@ def make_ldm_sample_fn(model: Any, settings: SamplerSettings) -> SampleFn:
 
 
 def load_ldm(config_path: str, ckpt: str, device: str | torch.device) -> Any:
-    """Build the model of a YAML config and load the checkpoint (strict loading in ldm.checkpoint)."""
-    from omegaconf import OmegaConf
-
-    from ldm.checkpoint import load_model_from_config
-
-    config = OmegaConf.load(config_path)
-    model = load_model_from_config(config, ckpt)
-    return model.to(device).eval()
+    """Build the model of a YAML config and load the checkpoint strictly, in eval mode on `device`
+    (the one load path of the sampling scripts: ldm.scripting.load_model)."""
+    from ldm.scripting import load_model
+    return load_model(config_path, ckpt, device)

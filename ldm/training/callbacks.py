@@ -43,7 +43,7 @@ class SetupCallback(Callback):
         # Only once this fit has trained: a failure during setup must not replace a good last.ckpt.
         start = self._start_step
         if trainer.global_rank == 0 and start is not None and trainer.global_step > start:
-            print("Summoning checkpoint.")
+            rank_zero_info("Summoning checkpoint.")
             save_last_checkpoint_now(trainer, self.ckptdir)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -59,11 +59,9 @@ class SetupCallback(Callback):
             if not os.path.exists(os.path.join(self.cfgdir, f"{stamp}-project.yaml")):
                 break
             stamp = f"{self.now}.{i}"
-        print("Project config")
-        print(OmegaConf.to_yaml(self.config))
+        rank_zero_info("Project config\n%s", OmegaConf.to_yaml(self.config))
         OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{stamp}-project.yaml"))
-        print("Lightning config")
-        print(OmegaConf.to_yaml(self.lightning_config))
+        rank_zero_info("Lightning config\n%s", OmegaConf.to_yaml(self.lightning_config))
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        os.path.join(self.cfgdir, f"{stamp}-lightning.yaml"))
 
