@@ -62,34 +62,27 @@ class LatentUpscaleDiffusion(LatentDiffusion):
                    plot_denoise_rows=False, plot_progressive_rows=True, plot_diffusion_rows=True,
                    unconditional_guidance_scale=1., unconditional_guidance_label=None, use_ema_scope=True,
                    **kwargs):
-        ema_scope = self.ema_scope if use_ema_scope else nullcontext
+        return image_logs.log_images_ldm(
+            self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+            return_keys=return_keys, quantize_denoised=False, inpaint=False, plot_denoise_rows=plot_denoise_rows,
+            plot_progressive_rows=plot_progressive_rows, plot_diffusion_rows=plot_diffusion_rows,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope,
+            sampler=kwargs.get("sampler"))
+
+    def log_inputs(self, batch, N):
         z, c, x, xrec, xc, x_low, x_low_rec, noise_level = self.get_input(batch, self.first_stage_key, bs=N,
                                                                           log_mode=True)
-        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
-        sample_kw = dict(batch_size=N, ddim=ddim_steps is not None, ddim_steps=ddim_steps, eta=ddim_eta)
         levels = "-".join(str(v) for v in noise_level.cpu().numpy().tolist())
         log = {"inputs": x, "reconstruction": xrec, "x_lr": x_low, f"x_lr_rec_@noise_levels{levels}": x_low_rec}
         log.update(image_logs.conditioning_logs(self, batch, c["c_crossattn"][0], xc, x))
-        if plot_diffusion_rows:
-            log["diffusion_row"] = image_logs.diffusion_grid(self, z, n_row)
-        if sample:
-            with ema_scope("Sampling"):
-                samples, z_denoise_row = self.sample_log(cond=c, **sample_kw)
-            log["samples"] = self.decode_first_stage(samples)
-            if plot_denoise_rows:
-                log["denoise_row"] = image_logs.denoise_grid(self, z_denoise_row)
-        if unconditional_guidance_scale > 1.0:
-            uc_tmp = self.get_unconditional_conditioning(N, unconditional_guidance_label)
-            # only the text is guided away from; the low-res image and its noise level stay
-            uc = {k: ([uc_tmp] if k == "c_crossattn" else (list(v) if isinstance(v, list) else v))
-                  for k, v in c.items()}
-            log.update(image_logs.cfg_samples(self, c, uc, unconditional_guidance_scale, ema_scope, sample_kw))
-        if plot_progressive_rows:
-            with ema_scope("Plotting Progressives"):
-                _, progressives = self.progressive_denoising(c, shape=(self.channels, self.image_size,
-                                                                      self.image_size), batch_size=N)
-            log["progressive_row"] = image_logs.denoise_grid(self, progressives)
-        return image_logs.select_keys(log, return_keys)
+        return z, c, x, log
+
+    def log_unconditional(self, c, N, label):
+        # only the text is guided away from; the low-res image and its noise level stay
+        uc_tmp = self.get_unconditional_conditioning(N, label)
+        return {k: ([uc_tmp] if k == "c_crossattn" else (list(v) if isinstance(v, list) else v))
+                for k, v in c.items()}
 
 
 class LatentFinetuneDiffusion(LatentDiffusion):
@@ -155,29 +148,26 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                    quantize_denoised=True, inpaint=True, plot_denoise_rows=False, plot_progressive_rows=True,
                    plot_diffusion_rows=True, unconditional_guidance_scale=1., unconditional_guidance_label=None,
                    use_ema_scope=True, **kwargs):
-        ema_scope = self.ema_scope if use_ema_scope else nullcontext
+        # as the original: no quantized, inpainting or progressive rows for the fine-tunes
+        return image_logs.log_images_ldm(
+            self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+            return_keys=return_keys, quantize_denoised=False, inpaint=False, plot_denoise_rows=plot_denoise_rows,
+            plot_progressive_rows=False, plot_diffusion_rows=plot_diffusion_rows,
+            unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope,
+            sampler=kwargs.get("sampler"))
+
+    def log_inputs(self, batch, N):
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, bs=N, return_first_stage_outputs=True)
         c_cat, c = c["c_concat"][0], c["c_crossattn"][0]
-        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
-        sample_kw = dict(batch_size=N, ddim=ddim_steps is not None, ddim_steps=ddim_steps, eta=ddim_eta)
         log = {"inputs": x, "reconstruction": xrec}
         log.update(image_logs.conditioning_logs(self, batch, c, xc, x))
         if not (self.c_concat_log_start is None and self.c_concat_log_end is None):
             log["c_concat_decoded"] = self.decode_first_stage(c_cat[:, self.c_concat_log_start:self.c_concat_log_end])
-        if plot_diffusion_rows:
-            log["diffusion_row"] = image_logs.diffusion_grid(self, z, n_row)
-        cond = {"c_concat": [c_cat], "c_crossattn": [c]}
-        if sample:
-            with ema_scope("Sampling"):
-                samples, z_denoise_row = self.sample_log(cond=cond, **sample_kw)
-            log["samples"] = self.decode_first_stage(samples)
-            if plot_denoise_rows:
-                log["denoise_row"] = image_logs.denoise_grid(self, z_denoise_row)
-        if unconditional_guidance_scale > 1.0:
-            uc_cross = self.get_unconditional_conditioning(N, unconditional_guidance_label)
-            uc = {"c_concat": [c_cat], "c_crossattn": [uc_cross]}
-            log.update(image_logs.cfg_samples(self, cond, uc, unconditional_guidance_scale, ema_scope, sample_kw))
-        return image_logs.select_keys(log, return_keys)
+        return z, {"c_concat": [c_cat], "c_crossattn": [c]}, x, log
+
+    def log_unconditional(self, c, N, label):
+        return {"c_concat": c["c_concat"], "c_crossattn": [self.get_unconditional_conditioning(N, label)]}
 
 
 class LatentInpaintDiffusion(LatentFinetuneDiffusion):

@@ -407,4 +407,20 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                               sampler=sampler)
 
 
+    # ------------------------------------------------------------------ log_images hooks (logging.log_images_ldm)
+    def log_inputs(self, batch, N):
+        """-> (z, c, x, first log rows: inputs, reconstruction, conditioning)."""
+        from ldm.models.diffusion.logging import conditioning_logs
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        return z, c, x, {"inputs": x, "reconstruction": xrec, **conditioning_logs(self, batch, c, xc, x)}
+
+    def log_unconditional(self, c, N, label):
+        """The conditioning guidance guides away from (c_adm kept for crossattn-adm)."""
+        uc = self.get_unconditional_conditioning(N, label)
+        if self.model.conditioning_key == "crossattn-adm":
+            uc = {"c_crossattn": [uc], "c_adm": c["c_adm"]}
+        return uc
+
+
 __all__ = ["LatentDiffusion"]

@@ -102,17 +102,15 @@ def log_images_ldm(model, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim
                    quantize_denoised=True, inpaint=True, plot_denoise_rows=False, plot_progressive_rows=True,
                    plot_diffusion_rows=True, unconditional_guidance_scale=1., unconditional_guidance_label=None,
                    use_ema_scope=True, sampler=None) -> dict[str, Tensor]:
+    """The one log_images skeleton of LatentDiffusion and its variants. A variant changes its rows
+    through two hooks: `model.log_inputs(batch, N) -> (z, c, x, head_log)` (the latents, the sampling
+    conditioning, the images, and the first rows: inputs, reconstruction, conditioning, ...) and
+    `model.log_unconditional(c, N, label)` (what guidance guides away from)."""
     ema_scope = model.ema_scope if use_ema_scope else nullcontext
     use_ddim = ddim_steps is not None
-    sample_kw = dict(batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta, sampler=sampler)
-    log: dict[str, Any] = {}
-    z, c, x, xrec, xc = model.get_input(batch, model.first_stage_key, return_first_stage_outputs=True,
-                                        force_c_encode=True, return_original_cond=True, bs=N)
+    z, c, x, log = model.log_inputs(batch, N)
     N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
-    sample_kw["batch_size"] = N
-    log["inputs"] = x
-    log["reconstruction"] = xrec
-    log.update(conditioning_logs(model, batch, c, xc, x))
+    sample_kw = dict(batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta, sampler=sampler)
     if plot_diffusion_rows:
         log["diffusion_row"] = diffusion_grid(model, z, n_row)
     if sample:
@@ -127,9 +125,7 @@ def log_images_ldm(model, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim
                 samples, _ = model.sample_log(cond=c, **sample_kw, **quant)
             log["samples_x0_quantized"] = model.decode_first_stage(samples.to(model.device))
     if unconditional_guidance_scale > 1.0:
-        uc = model.get_unconditional_conditioning(N, unconditional_guidance_label)
-        if model.model.conditioning_key == "crossattn-adm":
-            uc = {"c_crossattn": [uc], "c_adm": c["c_adm"]}
+        uc = model.log_unconditional(c, N, unconditional_guidance_label)
         log.update(cfg_samples(model, c, uc, unconditional_guidance_scale, ema_scope, sample_kw))
     if inpaint:
         log.update(inpainting_samples(model, z, c, N, ema_scope, sample_kw))
