@@ -3,7 +3,6 @@ the loss-weighting seam (default = the original objective, min-SNR wired), the o
 noise recipes, zero-terminal-SNR with v, the conditioning routing table and ucg_rate dropout."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -161,8 +161,8 @@ class GridSampler:
         return cb
 
 
-class DDIMSampler(GridSampler):
-    """DDIM sampling of a diffusion model (Song et al. 2021), the original interface."""
+    # -- the shared entry point and chain -------------------------------------------------
+    _name = "DDIM"
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: tuple, conditioning: Any = None, callback: Any = None,
@@ -173,20 +173,44 @@ class DDIMSampler(GridSampler):
                unconditional_guidance_scale: float = 1., unconditional_conditioning: Any = None,
                dynamic_threshold: Any = None, ucg_schedule: Any = None, generator: Optional[torch.Generator] = None,
                **kwargs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
-        """S DDIM steps for batch_size samples of shape (C, H, W) -> (samples, intermediates)."""
+        """S steps for batch_size samples of shape (C, H, W) -> (samples, intermediates)."""
         if conditioning is not None:
             warn_batch_size(conditioning, batch_size)
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         C, H, W = shape
         size = (batch_size, C, H, W)
-        log.info("Data shape for DDIM sampling is %s, eta %s", size, eta)
-        return self.ddim_sampling(conditioning, size, callback=callback, img_callback=img_callback,
-                                  quantize_denoised=quantize_x0, mask=mask, x0=x0, ddim_use_original_steps=False,
-                                  noise_dropout=noise_dropout, temperature=temperature,
-                                  score_corrector=score_corrector, corrector_kwargs=corrector_kwargs, x_T=x_T,
-                                  log_every_t=log_every_t, unconditional_guidance_scale=unconditional_guidance_scale,
-                                  unconditional_conditioning=unconditional_conditioning,
-                                  dynamic_threshold=dynamic_threshold, ucg_schedule=ucg_schedule, generator=generator)
+        log.info("Data shape for %s sampling is %s, eta %s", self._name, size, eta)
+        return self._chain(conditioning, size, x_T=x_T, use_original_steps=False, timesteps=None, callback=callback,
+                           img_callback=img_callback, quantize_denoised=quantize_x0, mask=mask, x0=x0,
+                           log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
+                           score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+                           scale=unconditional_guidance_scale, uncond=unconditional_conditioning,
+                           dynamic_threshold=dynamic_threshold, ucg_schedule=ucg_schedule, generator=generator)
+
+    def _chain(self, cond: Any, shape: tuple, *, x_T, use_original_steps, timesteps, callback, img_callback,
+               quantize_denoised, mask, x0, log_every_t, temperature, noise_dropout, score_corrector,
+               corrector_kwargs, scale, uncond, dynamic_threshold, ucg_schedule, generator):
+        img = self._x_T(x_T, shape, generator)
+        grid = self._grid(use_original_steps, timesteps)
+        if ucg_schedule is not None:
+            assert len(ucg_schedule) == len(grid), "ucg_schedule needs one scale per step"
+            # one scale per step in sampling order, as the original's ucg_schedule[i] (reading
+            # the value of t instead would be a device sync per step)
+            scales = iter([float(g) for g in ucg_schedule])
+            scale = lambda t: next(scales)      # noqa: E731
+        eps_fn = model_eps_fn(self.model, cond, uncond, scale, score_corrector=score_corrector,
+                              corrector_kwargs=corrector_kwargs)
+        return self._loop(eps_fn, img, grid, mask=mask, x0=x0, q_sample=self._q_sample, temperature=temperature,
+                          noise_dropout=noise_dropout, quantize=self._quantize(quantize_denoised),
+                          dynamic_threshold=dynamic_threshold, callback=self._callbacks(callback, img_callback),
+                          log_every_t=log_every_t, generator=generator)
+
+    def _loop(self, eps_fn: EpsFn, img: Tensor, grid: np.ndarray, **kw: Any) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+
+class DDIMSampler(GridSampler):
+    """DDIM sampling of a diffusion model (Song et al. 2021), the original interface."""
 
     @torch.no_grad()
     def ddim_sampling(self, cond: Any, shape: tuple, x_T: Optional[Tensor] = None,
@@ -198,22 +222,16 @@ class DDIMSampler(GridSampler):
                       unconditional_guidance_scale: float = 1., unconditional_conditioning: Any = None,
                       dynamic_threshold: Any = None, ucg_schedule: Any = None,
                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
-        img = self._x_T(x_T, shape, generator)
-        grid = self._grid(ddim_use_original_steps, timesteps)
-        scale: Any = unconditional_guidance_scale
-        if ucg_schedule is not None:
-            assert len(ucg_schedule) == len(grid), "ucg_schedule needs one scale per step"
-            # one scale per step in sampling order, as the original's ucg_schedule[i] (reading
-            # the value of t instead would be a device sync per step)
-            scales = iter([float(g) for g in ucg_schedule])
-            scale = lambda t: next(scales)      # noqa: E731
-        eps_fn = model_eps_fn(self.model, cond, unconditional_conditioning, scale,
-                              score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
-        return sample_ddim(eps_fn, img, self.model.alphas_cumprod, grid, self.ddim_eta, mask=mask, x0=x0,
-                           q_sample=self._q_sample, temperature=temperature, noise_dropout=noise_dropout,
-                           quantize=self._quantize(quantize_denoised), dynamic_threshold=dynamic_threshold,
-                           callback=self._callbacks(callback, img_callback), log_every_t=log_every_t,
-                           generator=generator)
+        return self._chain(cond, shape, x_T=x_T, use_original_steps=ddim_use_original_steps, timesteps=timesteps,
+                           callback=callback, img_callback=img_callback, quantize_denoised=quantize_denoised,
+                           mask=mask, x0=x0, log_every_t=log_every_t, temperature=temperature,
+                           noise_dropout=noise_dropout, score_corrector=score_corrector,
+                           corrector_kwargs=corrector_kwargs, scale=unconditional_guidance_scale,
+                           uncond=unconditional_conditioning, dynamic_threshold=dynamic_threshold,
+                           ucg_schedule=ucg_schedule, generator=generator)
+
+    def _loop(self, eps_fn: EpsFn, img: Tensor, grid: np.ndarray, **kw: Any) -> tuple[Tensor, dict]:
+        return sample_ddim(eps_fn, img, self.model.alphas_cumprod, grid, self.ddim_eta, **kw)
 
     @torch.no_grad()
     def p_sample_ddim(self, x: Tensor, c: Any, t: Tensor, index: int, repeat_noise: bool = False,

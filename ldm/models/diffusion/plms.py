@@ -6,17 +6,15 @@ logging instead of prints).
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
 
-from ldm.models.diffusion.ddim import GridSampler, model_eps_fn, warn_batch_size
+from ldm.models.diffusion.ddim import GridSampler, model_eps_fn
 from ldm.sampling.ddim import ddim_step
 from ldm.sampling.guidance import split_prediction
 from ldm.sampling.plms import plms_eps, sample_plms
 
-log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
@@ -29,29 +27,7 @@ class PLMSSampler(GridSampler):
             raise ValueError("ddim_eta must be 0 for PLMS")
         super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta, verbose=verbose)
 
-    @torch.no_grad()
-    def sample(self, S: int, batch_size: int, shape: tuple, conditioning: Any = None, callback: Any = None,
-               normals_sequence: Any = None, img_callback: Any = None, quantize_x0: bool = False, eta: float = 0.,
-               mask: Optional[Tensor] = None, x0: Optional[Tensor] = None, temperature: float = 1.,
-               noise_dropout: float = 0., score_corrector: Any = None, corrector_kwargs: Optional[dict] = None,
-               verbose: bool = True, x_T: Optional[Tensor] = None, log_every_t: int = 100,
-               unconditional_guidance_scale: float = 1., unconditional_conditioning: Any = None,
-               dynamic_threshold: Any = None, generator: Optional[torch.Generator] = None,
-               **kwargs: Any) -> tuple[Tensor, dict[str, list[Tensor]]]:
-        """S PLMS steps for batch_size samples of shape (C, H, W) -> (samples, intermediates)."""
-        if conditioning is not None:
-            warn_batch_size(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        C, H, W = shape
-        size = (batch_size, C, H, W)
-        log.info("Data shape for PLMS sampling is %s", size)
-        return self.plms_sampling(conditioning, size, callback=callback, img_callback=img_callback,
-                                  quantize_denoised=quantize_x0, mask=mask, x0=x0, ddim_use_original_steps=False,
-                                  noise_dropout=noise_dropout, temperature=temperature,
-                                  score_corrector=score_corrector, corrector_kwargs=corrector_kwargs, x_T=x_T,
-                                  log_every_t=log_every_t, unconditional_guidance_scale=unconditional_guidance_scale,
-                                  unconditional_conditioning=unconditional_conditioning,
-                                  dynamic_threshold=dynamic_threshold, generator=generator)
+    _name = "PLMS"
 
     @torch.no_grad()
     def plms_sampling(self, cond: Any, shape: tuple, x_T: Optional[Tensor] = None,
@@ -63,15 +39,16 @@ class PLMSSampler(GridSampler):
                       unconditional_guidance_scale: float = 1., unconditional_conditioning: Any = None,
                       dynamic_threshold: Any = None,
                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
-        img = self._x_T(x_T, shape, generator)
-        grid = self._grid(ddim_use_original_steps, timesteps)
-        eps_fn = model_eps_fn(self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
-                              score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
-        return sample_plms(eps_fn, img, self.model.alphas_cumprod, grid, mask=mask, x0=x0, q_sample=self._q_sample,
-                           temperature=temperature, noise_dropout=noise_dropout,
-                           quantize=self._quantize(quantize_denoised), dynamic_threshold=dynamic_threshold,
-                           callback=self._callbacks(callback, img_callback), log_every_t=log_every_t,
+        return self._chain(cond, shape, x_T=x_T, use_original_steps=ddim_use_original_steps, timesteps=timesteps,
+                           callback=callback, img_callback=img_callback, quantize_denoised=quantize_denoised,
+                           mask=mask, x0=x0, log_every_t=log_every_t, temperature=temperature,
+                           noise_dropout=noise_dropout, score_corrector=score_corrector,
+                           corrector_kwargs=corrector_kwargs, scale=unconditional_guidance_scale,
+                           uncond=unconditional_conditioning, dynamic_threshold=dynamic_threshold, ucg_schedule=None,
                            generator=generator)
+
+    def _loop(self, eps_fn, img, grid, **kw):
+        return sample_plms(eps_fn, img, self.model.alphas_cumprod, grid, **kw)
 
     @torch.no_grad()
     def p_sample_plms(self, x: Tensor, c: Any, t: Tensor, index: int, repeat_noise: bool = False,
