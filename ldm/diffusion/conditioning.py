@@ -178,6 +178,35 @@ class ConditioningDropout:
             return out
         return xc
 
+    def drop_batch(self, batch: Mapping[str, Any], key: str, device: Any, null_class_fn: Any = None) -> Any:
+        """A copy of the batch with the cond stage's input dropped (text / class kinds; others as is).
+        null_class_fn(n, device=...) -> {key: null labels} (the class embedder's unconditional class)."""
+        if self.route.null not in ("empty_prompt", "null_class"):
+            return batch
+        drop = self.draw("cond", len(batch[key]), device)
+        if drop is None:
+            return batch
+        if self.route.null == "empty_prompt":
+            return {**batch, key: self.drop_raw(batch[key], drop)}
+        return {**batch, **self.drop_raw({key: batch[key]}, drop, null_class=null_class_fn(len(drop), device=device))}
+
+    def drop_encoded(self, c: Any, cond_slot: str, device: Any) -> Any:
+        """Encoded conditionings dropped: a spatial cond stage's output (in `cond_slot` of a dict), then
+        c_concat, then c_adm, zeroed."""
+        first = c[next(iter(c))] if isinstance(c, Mapping) else c
+        n = len(first[0] if isinstance(first, list) else first)
+        if self.route.null == "zeros":
+            drop = self.draw("cond", n, device)
+            if drop is not None:
+                c = {**c, cond_slot: self.zero(c[cond_slot], drop)} if isinstance(c, Mapping) else self.zero(c, drop)
+        for slot in ("c_concat", "c_adm"):
+            drop = self.draw(slot, n, device)
+            if drop is not None:
+                if not isinstance(c, Mapping) or slot not in c:
+                    raise ValueError(f"ucg_rate.{slot}: this model's conditioning has no {slot}")
+                c = {**c, slot: self.zero(c[slot], drop)}
+        return c
+
     @staticmethod
     def zero(c: Any, drop: torch.Tensor) -> Any:
         """c (tensor, or a list of tensors) with the dropped batch items set to zero."""

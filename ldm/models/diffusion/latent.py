@@ -268,37 +268,15 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
 
     def _drop_cond_input(self, batch, dropout: ConditioningDropout):
         """ucg_rate on the cond stage's input (text -> "", class -> the null class), before encoding."""
-        null = dropout.route.null
-        if null not in ("empty_prompt", "null_class"):
-            return batch
-        key = getattr(self.cond_stage_model, "key", self.cond_stage_key) if null == "null_class" else self.cond_stage_key
-        drop = dropout.draw("cond", len(batch[key]), self.device)
-        if drop is None:
-            return batch
-        if null == "empty_prompt":
-            return {**batch, key: dropout.drop_raw(batch[key], drop)}
-        nulls = self.cond_stage_model.get_unconditional_conditioning(len(drop), device=self.device)
-        return {**batch, **dropout.drop_raw({key: batch[key]}, drop, null_class=nulls)}
+        if dropout.route.null == "null_class":
+            key = getattr(self.cond_stage_model, "key", self.cond_stage_key)
+            return dropout.drop_batch(batch, key, self.device, self.cond_stage_model.get_unconditional_conditioning)
+        return dropout.drop_batch(batch, self.cond_stage_key, self.device)
 
     def _drop_cond_slots(self, c, dropout: ConditioningDropout):
         """ucg_rate on encoded conditionings: a spatial cond stage, c_concat and c_adm are zeroed."""
-        n = len(c["c_concat"][0] if isinstance(c, Mapping) and "c_concat" in c else
-                (c["c_crossattn"][0] if isinstance(c, Mapping) else (c[0] if isinstance(c, list) else c)))
-        if dropout.route.null == "zeros":
-            drop = dropout.draw("cond", n, self.device)
-            if drop is not None:
-                if isinstance(c, Mapping):
-                    key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
-                    c = {**c, key: dropout.zero(c[key], drop)}
-                else:
-                    c = dropout.zero(c, drop)
-        for slot in ("c_concat", "c_adm"):
-            drop = dropout.draw(slot, n, self.device)
-            if drop is not None:
-                if not isinstance(c, Mapping) or slot not in c:
-                    raise ValueError(f"ucg_rate.{slot}: this model's conditioning has no {slot}")
-                c = {**c, slot: dropout.zero(c[slot], drop)}
-        return c
+        return dropout.drop_encoded(c, "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn",
+                                    self.device)
 
     def forward(self, x, c, *args, **kwargs):
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
