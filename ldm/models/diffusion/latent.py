@@ -22,6 +22,7 @@ from ldm.diffusion import tiling
 from ldm.diffusion.conditioning import make_cond_ids, wrap_cond
 from ldm.models.diffusion.ddpm import DDPM, freeze
 from ldm.models.diffusion.latent_sampling import LatentSamplingMixin
+from ldm.modules import lora
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
 
@@ -45,6 +46,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                  scale_factor: float = 1.0,
                  scale_by_std: bool = False,
                  force_null_conditioning: bool = False,
+                 lora_config: Optional[Mapping[str, Any]] = None,
                  *args, **kwargs):
         # first_stage_config: {target, params} of the frozen autoencoder E/D (first_stage_model)
         # cond_stage_config: {target, params} of tau (cond_stage_model), or "__is_first_stage__" (reuse the
@@ -58,6 +60,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         # scale_factor: z = scale_factor * E(x) (unit-variance latents)
         # scale_by_std: set scale_factor = 1/std(z) from the first training batch (then a buffer)
         # force_null_conditioning: keep conditioning_key although the model is unconditional (SD2)
+        # lora_config: {rank, alpha, target_modules, dropout, text_encoder}: train LoRA adapters only
         # remaining args: DDPM's
         self.force_null_conditioning = force_null_conditioning
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
@@ -98,6 +101,8 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys, reset_ema=reset_ema)
             self.restarted_from_ckpt = True
         self._reset_ema(reset_ema and ckpt_path is not None, reset_num_ema_updates)
+        # LoRA (ldm.modules.lora): after the base checkpoint is loaded; freezes all but the adapters
+        self.lora_config = None if lora_config is None else lora.add_lora(self, lora_config)
 
     # ------------------------------------------------------------------ stages and schedule
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
@@ -345,6 +350,8 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         return obj.per_sample(kl_prior) / math.log(2.0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.lora_config is not None:      # LoRA: the adapters only
+            return [p for p in self.parameters() if p.requires_grad]
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             rank_zero_info(f"{self.__class__.__name__}: Also optimizing conditioner params!")
@@ -353,6 +360,10 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             rank_zero_info("Diffusion model optimizing logvar")
             params.append(self.logvar)
         return params
+
+    def on_save_checkpoint(self, checkpoint):   # LoRA: the adapters alone, as lora.safetensors beside it
+        if self.lora_config is not None:
+            lora.save_lora_beside_checkpoints(self, self.lora_config)
 
     @torch.no_grad()
     def to_rgb(self, x):
