@@ -16,9 +16,13 @@ UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, atte
             transformer_depth=1, context_dim=32, use_checkpoint=False, legacy=False)
 
 
-def tiny_unet(seed=0):
+# SD v2's: linear proj_in/proj_out, heads of fixed width
+UNET_V2 = {**UNET, "num_heads": -1, "num_head_channels": 16, "use_linear_in_transformer": True}
+
+
+def tiny_unet(seed=0, params=UNET):
     torch.manual_seed(seed)
-    unet = UNetModel(**UNET).eval()
+    unet = UNetModel(**params).eval()
     with torch.no_grad():       # zero-initialised output layers re-drawn: every block matters
         for p in unet.parameters():
             if not p.abs().sum():
@@ -61,12 +65,13 @@ def tiny_pipeline(unet, text_encoder):
                                    requires_safety_checker=False)
 
 
-def test_module_mapping_equals_diffusers_converter():
-    """Our path mapping == diffusers' convert_ldm_unet_checkpoint on every key of an SD-v1-shaped UNet."""
+@pytest.mark.parametrize("params", [UNET, UNET_V2], ids=["sd1", "sd2"])
+def test_module_mapping_equals_diffusers_converter(params):
+    """Our path mapping == diffusers' convert_ldm_unet_checkpoint on every key of an SD-shaped UNet."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    unet = tiny_unet()
+    unet = tiny_unet(params=params)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    wrapped = {"model": {"params": {"unet_config": {"params": UNET},
+    wrapped = {"model": {"params": {"unet_config": {"params": params},
                                     "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
     ref = convert_ldm_unet_checkpoint(sd, create_unet_diffusers_config_from_ldm(wrapped, sd))
     ours = L.convert_unet_state_dict(unet)
