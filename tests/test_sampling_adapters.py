@@ -136,13 +136,15 @@ def test_ddim_dict_conditioning_and_ucg_schedule(x0):
 
 
 def test_img2img_stochastic_encode_then_decode(x0):
+    torch.manual_seed(0)   # stochastic_encode draws its noise from the global RNG
     s = DDIMSampler(StandIn(x0))
     s.make_schedule(20, ddim_eta=0.0, verbose=False)
     t_enc = 12
     z = s.stochastic_encode(x0.expand(2, *SHAPE), torch.tensor([t_enc] * 2))
     out = s.decode(z, cond(0.0), t_enc)
     a0 = float(s.model.alphas_cumprod[0])
-    assert (out - a0 ** 0.5 * x0).abs().max() < 0.1           # back near x0 (ends at the abar_0 level)
+    # back at x0, up to the noise left at the abar_0 level: sqrt(1 - abar_0) * |eps| with |eps| < 6
+    assert (out - a0 ** 0.5 * x0).abs().max() < 6 * (1 - a0) ** 0.5
     enc, info = s.encode(x0.expand(2, *SHAPE), cond(0.0), t_enc)
     assert enc.shape == (2, *SHAPE) and info["x_encoded"] is enc
 
