@@ -120,8 +120,8 @@ def build_trainer(opt: argparse.Namespace, run: training.RunDirs, now: str, conf
                     "cfgdir": run.cfgdir, "config": config, "lightning_config": lightning_config}
     callbacks_cfg = training.callbacks_config(lightning_config, setup_params, run.ckptdir, modelckpt_cfg,
                                               run.ckpt or cfg_resume)
-    logger = training.instantiate_in(lsrc, logger_cfg)
-    callbacks = [training.instantiate_in(lsrc, callbacks_cfg[k]) for k in callbacks_cfg]
+    logger = training.instantiate_in(lsrc, logger_cfg, path="lightning.logger")
+    callbacks = [training.instantiate_in(lsrc, callbacks_cfg[k], path=f"lightning.callbacks.{k}") for k in callbacks_cfg]
     callbacks.append(training.RNGStateCallback())
     plugins = list(trainer_kwargs.pop("plugins", None) or [])
     if not any(isinstance(p, pl.plugins.io.CheckpointIO) for p in plugins):
@@ -162,10 +162,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for section in ("model", "data"):
         if section not in config:
             raise ConfigError(f"no `{section}` section in {', '.join(list(run.resumed_configs) + opt.base) or 'no config'}")
+    training.check_run_config(config, lightning_config, sources)  # every key and type, before building
 
-    model = training.instantiate_in(sources["model"], config.model)
+    model = training.instantiate_in(sources["model"], config.model, path="model")
     trainer, cfg_resume = build_trainer(opt, run, now, config, lightning_config, sources, model)
-    data = training.instantiate_in(sources["data"], config.data)
+    data = training.instantiate_in(sources["data"], config.data, path="data")
     with config_source(sources["data"]):
         data.prepare_data()
         data.setup()

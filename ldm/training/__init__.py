@@ -3,7 +3,7 @@
 from ldm.training.callbacks import CUDACallback, ImageLogger, SetupCallback
 from ldm.training.checkpointing import (AtomicCheckpointIO, LDMModelCheckpoint, RNGStateCallback,
                                         after_module_train_batch_end, save_last_checkpoint_now)
-from ldm.training.config import (RUN_NOW_ENV, RunDirs, callbacks_config, instantiate_in, load_configs, load_yaml,
+from ldm.training.config import (RUN_NOW_ENV, RunDirs, callbacks_config, check_run_config, instantiate_in, load_configs, load_yaml,
                                  logger_config, modelcheckpoint_config, parse_gpus, pl_target, resolve_run_dirs,
                                  run_timestamp, scaled_learning_rate, trainer_kwargs_from_config)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn
@@ -11,7 +11,7 @@ from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_
 __all__ = [
     "AtomicCheckpointIO", "CUDACallback", "DataModuleFromConfig", "ImageLogger", "LDMModelCheckpoint",
     "RNGStateCallback", "RUN_NOW_ENV", "RunDirs", "SetupCallback", "WrappedDataset", "after_module_train_batch_end",
-    "callbacks_config", "instantiate_in", "load_configs", "load_yaml", "logger_config", "modelcheckpoint_config",
+    "callbacks_config", "check_run_config", "instantiate_in", "load_configs", "load_yaml", "logger_config", "modelcheckpoint_config",
     "parse_gpus", "pl_target", "resolve_run_dirs", "run_timestamp", "save_last_checkpoint_now",
     "scaled_learning_rate", "trainer_kwargs_from_config", "worker_init_fn",
 ]

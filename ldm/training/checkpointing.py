@@ -15,6 +15,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from ldm.training.nan_guard import assert_finite_weights
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place, so a
@@ -22,19 +24,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = os.fspath(path)
+        if isinstance(checkpoint.get("state_dict"), dict):
+            assert_finite_weights(checkpoint["state_dict"], path)  # never a checkpoint of NaN weights
         folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp = None
         try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
+            os.close(fd)
             super().save_checkpoint(checkpoint, tmp, storage_options)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+                    else "nothing was written")
+            raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e} ({kept}; free space or "
+                                   f"fix permissions of {folder}, then resume with -r)") from e
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _unlink_quietly(tmp)
             raise
+
+
+TMP_SUFFIX = ".tmp"  # AtomicCheckpointIO's temporary files: .<name>.<random>.tmp beside the target
+
+
+def _unlink_quietly(path: Optional[str]) -> None:
+    if path and os.path.exists(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Delete temporary files interrupted saves left under `folder` (a killed run's); returns them."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                path = os.path.join(root, name)
+                _unlink_quietly(path)
+                removed.append(path)
+    if removed:
+        rank_zero_info(f"removed {len(removed)} temporary file(s) of an interrupted save: "
+                       + ", ".join(sorted(removed)))
+    return removed
 
 
 class LDMModelCheckpoint(ModelCheckpoint):

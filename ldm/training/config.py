@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from ldm.util import ConfigError, config_source, instantiate_from_config
+from ldm.util import ConfigError, config_path, config_source, instantiate_from_config
 from ldm.util import _where  # the YAML named by the enclosing config_source()
 
 RUN_NOW_ENV = "LDM_RUN_NOW"  # shared with the DDP worker processes Lightning starts, so all use one log dir
@@ -89,6 +89,32 @@ def load_yaml(path: str) -> DictConfig:
     return cfg
 
 
+def drop_replaced_params(base: DictConfig, layer: DictConfig) -> None:
+    """Where `layer` sets a `target` different from the one in `base`, delete that node's
+    `params` from `base`: a replaced class gets its params only from the layer that named it
+    (and later ones), never the previous class's (e.g. `crop_size` of a shipped dataset)."""
+    for key in layer:
+        if key not in base:
+            continue
+        b, o = base._get_node(key), layer._get_node(key)
+        if not (OmegaConf.is_dict(b) and OmegaConf.is_dict(o)):
+            continue
+        if "target" in o and "target" in b and str(o.get("target")) != str(b.get("target")):
+            if "params" in b:
+                b.pop("params")
+        else:
+            drop_replaced_params(b, o)
+
+
+def merge_layers(layers: list[DictConfig]) -> DictConfig:
+    """OmegaConf.merge left to right, except that a changed `target` drops the earlier params."""
+    config = OmegaConf.create()
+    for layer in layers:
+        drop_replaced_params(config, layer)
+        config = OmegaConf.merge(config, layer)
+    return config
+
+
 def load_configs(paths: list[str], dotlist: list[str]) -> tuple[DictConfig, DictConfig, dict[str, str]]:
     """Merge YAMLs left to right, then `a.b=c` overrides. Returns (config without `lightning`,
     the `lightning` section, {section: 'file(s) that set it'} for error messages)."""
@@ -100,7 +126,7 @@ def load_configs(paths: list[str], dotlist: list[str]) -> tuple[DictConfig, Dict
         cli = OmegaConf.from_dotlist(dotlist)
     except Exception as e:
         raise ConfigError(f"cannot parse command-line overrides {dotlist}: {e}") from e
-    config = OmegaConf.merge(*configs, cli)
+    config = merge_layers([*configs, cli])
     sources: dict[str, str] = {}
     for section in set(config.keys()):
         files = [p for p, c in zip(paths, configs) if section in c]
@@ -126,7 +152,7 @@ def pl_target(target: str) -> str:
 TRAINER_KEYS = frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
 # Lightning 1 keys that have no Lightning 2 counterpart and change nothing essential: dropped with a warning.
 OBSOLETE_KEYS = frozenset({
-    "terminate_on_nan", "flush_logs_every_n_steps", "log_gpu_memory", "amp_backend", "amp_level",
+    "flush_logs_every_n_steps", "log_gpu_memory", "amp_backend", "amp_level",
     "auto_select_gpus", "track_grad_norm", "prepare_data_per_node", "move_metrics_to_cpu",
     "weights_save_path", "process_position", "auto_lr_find", "auto_scale_batch_size", "stochastic_weight_avg",
     "multiple_trainloader_mode", "truncated_bptt_steps", "reload_dataloaders_every_epoch"})
@@ -159,6 +185,7 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
                else (trainer_config or {}))
     out: dict[str, Any] = {}
     resume_ckpt = cfg.pop("resume_from_checkpoint", None)
+    cfg.pop("terminate_on_nan", None)  # the non-finite guard's business (callbacks_config)
     for key, value in cfg.items():
         if key == "gpus":
             devices = parse_gpus(value)
@@ -278,6 +305,7 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
         "learning_rate_logger": {"target": "main.LearningRateMonitor", "params": {"logging_interval": "step"}},
         "cuda_callback": {"target": "main.CUDACallback"},
         "checkpoint_callback": modelckpt_cfg,
+        "nan_guard": {"target": "ldm.training.nan_guard.NonFiniteGuard", "params": {"max_skips": 0}},
     }
     user = lightning_config.get("callbacks", OmegaConf.create())
     if "metrics_over_trainsteps_checkpoint" in user:
@@ -287,6 +315,9 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
             "params": {"dirpath": os.path.join(ckptdir, "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
                        "verbose": True, "save_top_k": -1, "every_n_train_steps": 10000, "save_weights_only": True}}
     cfg = OmegaConf.merge(defaults, user)
+    if lightning_config.get("trainer", {}).get("terminate_on_nan"):  # Lightning 1: stop at the first NaN
+        rank_zero_info("lightning.trainer.terminate_on_nan: the non-finite guard stops at the first NaN/inf")
+        cfg.nan_guard.params["max_skips"] = 0
     if "ignore_keys_callback" in cfg:
         if resume_ckpt:
             cfg.ignore_keys_callback.params["ckpt_path"] = resume_ckpt
@@ -297,7 +328,19 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
     return cfg
 
 
-def instantiate_in(source: str, config: Any, **extra: Any) -> Any:
-    """instantiate_from_config, with errors naming `source` (the YAML files of that section)."""
-    with config_source(source):
+def check_run_config(config: DictConfig, lightning_config: DictConfig, sources: dict[str, str]) -> None:
+    """Unknown top-level sections, and unknown keys / wrong types anywhere in `model` and `data`,
+    are ConfigErrors naming the key path and the file(s) that set the section."""
+    from ldm.config_schema import check_config, check_sections
+    for key in config.keys():
+        check_sections([key], f" (in {sources.get(str(key), 'the configs')})")
+    for section in ("model", "data"):
+        with config_source(sources.get(section, "")), config_path(section):
+            check_config(config[section], section)
+
+
+def instantiate_in(source: str, config: Any, path: str = "", **extra: Any) -> Any:
+    """instantiate_from_config, with errors naming `source` (the YAML files of that section)
+    and key paths under `path` (e.g. `model`)."""
+    with config_source(source), config_path(path):
         return instantiate_from_config(config, **extra)
