@@ -84,10 +84,15 @@ class LDMModelCheckpoint(ModelCheckpoint):
     - always names it `last.ckpt` (no `last-v1.ckpt` when resuming into the same folder)."""
 
     save_requested = False  # set by the signal handler; read at the next batch end
+    training_active = False  # between on_train_start and on_train_end: a requested save will happen
 
     @classmethod
     def request_save(cls, *_: Any) -> None:
         cls.save_requested = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        LDMModelCheckpoint.training_active = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -119,6 +124,8 @@ class LDMModelCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer), force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        LDMModelCheckpoint.training_active = False
+        LDMModelCheckpoint.save_requested = False
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer), force=True)
 
@@ -128,6 +135,30 @@ class LDMModelCheckpoint(ModelCheckpoint):
             return
         self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         self._save_checkpoint(trainer, self.last_model_path)
+
+
+def _on_sigusr1(signum: int, frame: Any) -> None:
+    """SIGUSR1: save last.ckpt after the current training step, or (not training) say it is ignored."""
+    if LDMModelCheckpoint.training_active:
+        LDMModelCheckpoint.request_save()
+        msg = "SIGUSR1: last.ckpt will be written after the current training step\n"
+    else:
+        msg = "SIGUSR1 received while not training: nothing to save, ignored\n"
+    try:
+        os.write(2, msg.encode())
+    except OSError:
+        pass
+
+
+def install_sigusr1_handler() -> None:
+    """Install the SIGUSR1 handler (main thread only; elsewhere a no-op)."""
+    import signal
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        signal.signal(signal.SIGUSR1, _on_sigusr1)
+    except ValueError:  # not the main thread
+        pass
 
 
 def after_module_train_batch_end(pl_module: pl.LightningModule) -> list:

@@ -55,7 +55,9 @@ def resolve_run_dirs(now: str, resume: str = "", name: str = "", base: tuple[str
             ckpt = resume
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
             if os.path.basename(os.path.dirname(os.path.abspath(resume))) != "checkpoints":
-                raise ValueError(f"cannot resume from '{resume}': expected <logdir>/checkpoints/<file>.ckpt")
+                from ldm.training.resume import ResumeError, weights_instead
+                raise ResumeError(f"cannot resume from '{resume}': -r takes a main.py log folder or "
+                                  f"<logdir>/checkpoints/<file>.ckpt; " + weights_instead(resume))
         else:
             run_dir = resume.rstrip("/")
             ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
