@@ -126,7 +126,7 @@ def _signature(obj: Any) -> Signature:
 # ----------------------------------------------------------------------------------------
 # Types
 # ----------------------------------------------------------------------------------------
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     if hint is type(None):
         return "None"
     if isinstance(hint, type):
@@ -138,6 +138,8 @@ def type_ok(value: Any, hint: Any) -> bool:
     """Whether a YAML value fits a type hint (unknown hints accept anything)."""
     if value is None or hint is Any or hint is inspect.Parameter.empty:
         return True
+    if hint is type(None):
+        return False  # value is not None here
     origin = typing.get_origin(hint)
     if origin is typing.Union or (hasattr(types, "UnionType") and isinstance(hint, types.UnionType)):
         return any(type_ok(value, h) for h in typing.get_args(hint))
@@ -201,7 +203,7 @@ def _check_value(target: str, path: str, key: str, value: Any, sig: Signature) -
         return
     if not type_ok(value, expected):
         raise ConfigError(f"wrong type for '{path}': {value!r} ({type(value).__name__}) where {target} expects "
-                          f"{_type_name(expected)}{_where()}")
+                          f"{type_name(expected)}{_where()}")
 
 
 def _check_kwargs_dict(owner: str, path: str, value: Mapping, consumers: tuple[str, ...]) -> None:

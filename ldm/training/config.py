@@ -220,6 +220,7 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
         elif key in OBSOLETE_KEYS:
             rank_zero_warn(f"lightning.trainer.{key} has no effect in Lightning 2; ignored")
         elif key in TRAINER_KEYS:
+            _check_trainer_type(key, value)
             out[key] = value
         else:
             hint = difflib.get_close_matches(key, sorted(TRAINER_KEYS), n=1)
@@ -234,6 +235,25 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
     if find_unused_parameters and out.get("strategy", "auto") in ("ddp", "auto") and _n_devices(out) > 1:
         out["strategy"] = "ddp_find_unused_parameters_true"
     return out, resume_ckpt
+
+
+def _check_trainer_type(key: str, value: Any) -> None:
+    """A lightning.trainer value of the wrong type (`max_steps=abc`) is a ConfigError naming it."""
+    from ldm.config_schema import type_name, type_ok
+    global _TRAINER_HINTS
+    if _TRAINER_HINTS is None:
+        import typing
+        try:
+            _TRAINER_HINTS = typing.get_type_hints(pl.Trainer.__init__)
+        except Exception:  # noqa: BLE001 - unresolvable hints: no type checks
+            _TRAINER_HINTS = {}
+    hint = _TRAINER_HINTS.get(key)
+    if hint is not None and not type_ok(value, hint):
+        raise ConfigError(f"wrong type for 'lightning.trainer.{key}': {value!r} ({type(value).__name__}) where "
+                          f"the Lightning Trainer expects {type_name(hint)}{_where()}")
+
+
+_TRAINER_HINTS: Optional[dict[str, Any]] = None
 
 
 def _n_devices(kwargs: dict[str, Any]) -> int:
