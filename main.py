@@ -24,6 +24,11 @@ import sys
 import traceback
 from typing import Any, Optional
 
+if __name__ == "__main__":  # before the slow imports: a SIGUSR1 while starting must not kill (main() installs the real one)
+    import signal as _signal
+    if hasattr(_signal, "SIGUSR1"):
+        _signal.signal(_signal.SIGUSR1, lambda *_: os.write(2, b"SIGUSR1 received while starting: ignored\n"))
+
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
@@ -241,3 +246,6 @@ if __name__ == "__main__":
     except training.USER_ERRORS as err:  # a bad file, a locked or unwritable folder, a NaN: the message says it all
         print(f"main.py: error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, training.NonFiniteError) else 2)
+    finally:
+        if hasattr(_signal, "SIGUSR1"):  # Python resets handlers at exit; SIG_IGN survives: a late SIGUSR1 is no kill
+            _signal.signal(_signal.SIGUSR1, _signal.SIG_IGN)

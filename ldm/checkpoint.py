@@ -125,6 +125,10 @@ def read_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
     path = Path(path)
     _check_exists(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise ValueError(f"starts with {head!r}, neither a torch zip archive nor a legacy pickle")
         return _read_checkpoint(path, unsafe_pickle=unsafe_pickle)
     except CheckpointError:
         raise

@@ -43,7 +43,8 @@ class ToyModel(pl.LightningModule):
     must restore optimizer, scheduler, buffers and RNG state to match an uninterrupted run."""
 
     def __init__(self, dim: int = 48, hidden: int = 8, monitor: str | None = None, fail_at_step: int = -1,
-                 signal_at_step: int = -1, stop_at_step: int = -1, nan_at_step: int = -1):
+                 signal_at_step: int = -1, stop_at_step: int = -1, nan_at_step: int = -1,
+                 step_sleep: float = 0.0):
         super().__init__()
         self.enc = torch.nn.Linear(dim, hidden)
         self.dec = torch.nn.Linear(hidden, dim)
@@ -53,6 +54,7 @@ class ToyModel(pl.LightningModule):
         self.signal_at_step = signal_at_step  # send ourselves SIGUSR1 in training_step at this global step
         self.stop_at_step = stop_at_step  # set trainer.should_stop (as max_time / EarlyStopping do) at this step
         self.nan_at_step = nan_at_step  # the loss of this global step is NaN
+        self.step_sleep = step_sleep  # seconds slept per step (spreads fault-injection kill times over training)
         if monitor:
             self.monitor = monitor
 
@@ -60,6 +62,9 @@ class ToyModel(pl.LightningModule):
         return self.dec(self.enc(x) + 0.1 * torch.randn(x.shape[0], self.enc.out_features))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.step_sleep:
+            import time
+            time.sleep(self.step_sleep)
         if self.global_step == self.fail_at_step:
             raise RuntimeError("toy failure")
         if self.global_step == self.signal_at_step:
