@@ -1,14 +1,17 @@
 """Train (and test) a model described by YAML configs: the original `main.py` CLI on Lightning 2.
 
     python main.py --base configs/quickstart/autoencoder_kl_digits.yaml -t [--gpus 0,1] [key.path=value ...]
-    python main.py --resume logs/<run>            # or logs/<run>/checkpoints/<file>.ckpt
+    python main.py --resume logs/<run>            # continues training (implies -t); or logs/<run>/checkpoints/<file>.ckpt
 
 Configs are merged left to right, then `a.b=c` overrides. Sections: `model` (with
 `base_learning_rate`), `data` (usually `main.DataModuleFromConfig`), and `lightning`
 (`trainer`, `callbacks`, `logger`, `modelcheckpoint`), merged over the defaults of
 ldm.training.config. A run writes logs/<YYYY-mm-ddTHH-MM-SS>_<name>/{configs,checkpoints,images,tensorboard}.
 `last.ckpt` is written atomically at the end (and at every checkpoint, on SIGUSR1, on a failure);
-`-r` restores weights, optimizers, schedulers, EMA, step, epoch, data order and RNG state.
+`-r` restores weights, optimizers, schedulers, EMA, step, epoch, data order and RNG state
+(ldm.training.resume: what it refuses and how changed optimizer settings are applied).
+A run holds <logdir>/run.lock (ldm.training.runlock); NaN/inf steps stop or are skipped by
+ldm.training.nan_guard, and no checkpoint is ever written from non-finite weights.
 
 Multi-GPU / multi-node: Lightning DDP (`--gpus 0,1`, `lightning.trainer.num_nodes`,
 `lightning.trainer.strategy: fsdp`), started by main.py itself, torchrun or SLURM. On CPU,

@@ -199,7 +199,7 @@ def _check_value(target: str, path: str, key: str, value: Any, sig: Signature) -
     expected = _expected(param, sig.hints.get(key))
     if isinstance(value, Mapping) and "target" in value:
         return  # a nested config builds the object
-    if isinstance(value, str) and value in _SENTINELS:
+    if isinstance(value, str) and (value in _SENTINELS or value.startswith("${")):
         return
     if not type_ok(value, expected):
         raise ConfigError(f"wrong type for '{path}': {value!r} ({type(value).__name__}) where {target} expects "
@@ -230,8 +230,8 @@ def check_config(config: Any, path: str = "") -> None:
     if OmegaConf.is_config(config):
         try:
             config = OmegaConf.to_container(config, resolve=True)
-        except Exception as e:  # noqa: BLE001 - a broken interpolation is a config error too
-            raise ConfigError(f"cannot resolve '{path or 'config'}': {e}{_where()}") from e
+        except Exception:  # noqa: BLE001 - an interpolation only the full config resolves: check keys, not its value
+            config = OmegaConf.to_container(config, resolve=False)
     _walk(config, path)
 
 

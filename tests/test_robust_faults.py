@@ -382,3 +382,15 @@ def test_changed_learning_rate_on_resume_is_applied(tmp_path: Path, caplog) -> N
     assert ck["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(8e-4)
     assert ck["lr_schedulers"][0]["base_lrs"] == [pytest.approx(8e-4)]
     assert ck["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(8e-4 * 0.4)  # warm-up: (3 + 1) / 10
+
+
+def test_no_writer_ever_writes_non_finite_weights(tmp_path: Path) -> None:
+    """AtomicCheckpointIO (every ModelCheckpoint, the emergency save) refuses a NaN state."""
+    from ldm.training import AtomicCheckpointIO
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    before = _sha(target)
+    with pytest.raises(NonFiniteError, match=r"not writing .*last\.ckpt: non-finite weights in w"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("inf"), 0.0])}}, target)
+    assert _sha(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
