@@ -33,6 +33,9 @@ BAD_CONFIGS = [
     (AE, "model.params.ddconfig.dropout=high", ["model.params.ddconfig.dropout", "'high'", "float"]),
     (AE, "lightning.trainer.max_steps=abc", ["lightning.trainer.max_steps", "'abc'", "expects int"]),
     (AE, "lightning.trainer.max_step=3", ["max_step", "did you mean 'max_steps'"]),
+    (AE, "lightning.callbacks.image_logger.params.batch_frequency=often",
+     ["lightning.callbacks.image_logger.params.batch_frequency", "'often'", "expects int"]),
+    (AE, "lightning.callbacks.image_logger.params.max_image=4", ["max_image", "did you mean 'max_images'"]),
 ]
 
 
@@ -105,3 +108,27 @@ def test_replacing_a_target_by_overlay_yaml_drops_the_old_params(tmp_path: Path)
                     "        seed: 3\n")
     config, _, _ = load_configs([str(cfg), str(same)], [])
     assert OmegaConf.to_container(config.data.params.train.params) == {"n": 20, "seed": 3}
+
+
+def test_every_released_and_shipped_training_config_passes_the_strict_checks() -> None:
+    """All of main.py's checks (sections, every key at every depth, value types, trainer and
+    callback sections) accept every original config and every config we ship."""
+    from conftest import reference_or_skip
+    from ldm import training
+    import json
+    ref = reference_or_skip()
+    listed = {json.loads(k.read_text())["config"] for k in (ref / "keys").glob("*.json") if k.name != "skipped.json"}
+    paths = sorted(ref / "configs" / c for c in listed) + sorted((ROOT / "configs").rglob("*.yaml"))
+    checked = 0
+    for p in paths:
+        raw = OmegaConf.load(p)
+        if "model" not in raw or "data" not in raw:
+            if "model" in raw:
+                with config_source(str(p)):
+                    check_config(raw.model, "model")
+                checked += 1
+            continue
+        config, lightning_config, sources = training.load_configs([str(p)], [])
+        training.check_run_config(config, lightning_config, sources)
+        checked += 1
+    assert checked >= 55  # 60 today: every listed original and every shipped model config

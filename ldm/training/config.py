@@ -359,6 +359,13 @@ def check_run_config(config: DictConfig, lightning_config: DictConfig, sources: 
     for section in ("model", "data"):
         with config_source(sources.get(section, "")), config_path(section):
             check_config(config[section], section)
+    with config_source(sources.get("lightning", "")):  # also before building: trainer value types, callbacks
+        for key, value in (lightning_config.get("trainer") or {}).items():
+            if key in TRAINER_KEYS and not OmegaConf.is_config(value):
+                _check_trainer_type(str(key), value)
+        for section in ("callbacks", "logger"):
+            if section in lightning_config:
+                check_config(lightning_config[section], f"lightning.{section}")
 
 
 def instantiate_in(source: str, config: Any, path: str = "", **extra: Any) -> Any:
