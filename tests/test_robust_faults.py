@@ -141,8 +141,7 @@ def test_kill9_then_resume_is_bit_identical(tmp_path: Path, reference: dict, del
     assert (run / "run.lock").exists()  # left behind by the killed writer
     if save_at:
         assert _tmp_files(run), "the kill was meant to hit a checkpoint write"
-    _all_checkpoints_load(run)  # nothing half-written under a real name
-    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert _all_checkpoints_load(run) >= 1  # nothing half-written under a real name
     caplog.set_level("INFO")
     assert main.main(["-r", str(run), *COMMON]) == 0  # -r implies -t
     assert "taking over the stale lock" in caplog.text

@@ -62,7 +62,13 @@ def resolve_run_dirs(now: str, resume: str = "", name: str = "", base: tuple[str
             run_dir = resume.rstrip("/")
             ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
             if not os.path.isfile(ckpt):
-                raise FileNotFoundError(f"cannot resume from '{resume}': no checkpoint at {ckpt}")
+                # e.g. killed while writing its first last.ckpt: the newest other checkpoint of the run
+                others = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")),
+                                key=os.path.getmtime)
+                if not others:
+                    raise FileNotFoundError(f"cannot resume from '{resume}': no checkpoint at {ckpt}")
+                rank_zero_info(f"{ckpt} does not exist; resuming from the newest checkpoint of the run, {others[-1]}")
+                ckpt = others[-1]
         configs = tuple(sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml"))))
         return RunDirs(run_dir, os.path.basename(run_dir), ckpt, configs)
     if name:
