@@ -21,7 +21,7 @@ import inspect
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from ldm.util import ConfigError, _where, get_obj_from_str
 
@@ -119,10 +119,6 @@ class Signature:
         return var_kw
 
 
-def _signature(obj: Any) -> Signature:
-    return Signature(obj)
-
-
 # ----------------------------------------------------------------------------------------
 # Types
 # ----------------------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def _check_value(target: str, path: str, key: str, value: Any, sig: Signature) -
 
 
 def _check_kwargs_dict(owner: str, path: str, value: Mapping, consumers: tuple[str, ...]) -> None:
-    sigs = [(c, _signature(get_obj_from_str(c))) for c in consumers]
+    sigs = [(c, Signature(get_obj_from_str(c))) for c in consumers]
     names = set().union(*(s.params for _, s in sigs))
     for key, v in value.items():
         sub = f"{path}.{key}"
@@ -260,7 +256,7 @@ def _check_node(node: Mapping, path: str) -> None:
     if not isinstance(params, Mapping):
         raise ConfigError(f"'{ppath}' of {target} must be a mapping of keyword arguments, got {params!r}{_where()}")
     obj = get_obj_from_str(target)
-    sig = _signature(obj)
+    sig = Signature(obj)
     short = getattr(obj, "__name__", target.rsplit(".", 1)[-1])
     for key, value in params.items():
         kpath = f"{ppath}.{key}"
@@ -278,5 +274,3 @@ def _check_node(node: Mapping, path: str) -> None:
 
 __all__ = ["IGNORED_KEYS", "IGNORED_TOP_LEVEL", "KWARGS_DICTS", "TOP_LEVEL_SECTIONS", "check_config",
            "check_sections", "type_ok"]
-
-_ = Optional  # typing import kept for readers of the hints above
