@@ -174,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         opt.train = bool(opt.resume)
         if opt.resume:
             rank_zero_info("resuming training (-r implies -t; pass -t false to only run the test split)")
+    if opt.resume and os.path.isdir(opt.resume) and training.launcher_process():
+        training.RunLock(opt.resume).ensure_free()  # a live writer first, before "no checkpoint yet"
     now = training.run_timestamp()
     run = training.resolve_run_dirs(now, opt.resume, opt.name, tuple(opt.base), opt.logdir, opt.postfix,
                                     opt.project)

@@ -242,6 +242,8 @@ def test_two_writers_one_refused_and_sigusr1_never_kills(tmp_path: Path) -> None
             main.main(["-b", str(cfg), "-t", "-l", str(logs), "-n", "twin"])
     finally:
         os.environ.pop("LDM_RUN_NOW")
+    with pytest.raises(RunLockedError, match="being written by another run"):  # -r before its first checkpoint
+        main.main(["-r", str(logs / f"{stamp}_twin")])
     while not (lock.parent / "losses.jsonl").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # while training: summons a last.ckpt

@@ -103,6 +103,14 @@ class RunLock:
             return self
         raise RunLockedError(f"could not take the lock {self.path} (another process keeps creating it)")
 
+    def ensure_free(self) -> None:
+        """Raise RunLockedError if a live run holds this lock (checked before anything else of `-r`)."""
+        holder = self._read()
+        if holder is not None and os.path.exists(self.path) and not self._stale(holder):
+            raise RunLockedError(f"log folder {os.path.dirname(self.path)} is being written by another run "
+                                 f"({self.describe(holder)}); wait for it to finish. If that run is gone, "
+                                 f"delete {self.path}.")
+
     def _stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") != socket.gethostname():
             return False  # cannot see that process: never steal another machine's lock
