@@ -1,14 +1,17 @@
 """Train (and test) a model described by YAML configs: the original `main.py` CLI on Lightning 2.
 
     python main.py --base configs/quickstart/autoencoder_kl_digits.yaml -t [--gpus 0,1] [key.path=value ...]
-    python main.py --resume logs/<run>            # or logs/<run>/checkpoints/<file>.ckpt
+    python main.py --resume logs/<run>            # continues training (implies -t); or logs/<run>/checkpoints/<file>.ckpt
 
 Configs are merged left to right, then `a.b=c` overrides. Sections: `model` (with
 `base_learning_rate`), `data` (usually `main.DataModuleFromConfig`), and `lightning`
 (`trainer`, `callbacks`, `logger`, `modelcheckpoint`), merged over the defaults of
 ldm.training.config. A run writes logs/<YYYY-mm-ddTHH-MM-SS>_<name>/{configs,checkpoints,images,tensorboard}.
 `last.ckpt` is written atomically at the end (and at every checkpoint, on SIGUSR1, on a failure);
-`-r` restores weights, optimizers, schedulers, EMA, step, epoch, data order and RNG state.
+`-r` restores weights, optimizers, schedulers, EMA, step, epoch, data order and RNG state
+(ldm.training.resume: what it refuses and how changed optimizer settings are applied).
+A run holds <logdir>/run.lock (ldm.training.runlock); NaN/inf steps stop or are skipped by
+ldm.training.nan_guard, and no checkpoint is ever written from non-finite weights.
 
 Multi-GPU / multi-node: Lightning DDP (`--gpus 0,1`, `lightning.trainer.num_nodes`,
 `lightning.trainer.strategy: fsdp`), started by main.py itself, torchrun or SLURM. On CPU,
@@ -20,12 +23,17 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import sys
 import traceback
 from typing import Any, Optional
 
+if __name__ == "__main__":  # before the slow imports: a SIGUSR1 while starting must not kill (main() installs the real one)
+    import signal as _signal
+    if hasattr(_signal, "SIGUSR1"):
+        _signal.signal(_signal.SIGUSR1, lambda *_: os.write(2, b"SIGUSR1 received while starting: ignored\n"))
+
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from pytorch_lightning import seed_everything
 from pytorch_lightning.callbacks import LearningRateMonitor  # noqa: F401  (configs name main.LearningRateMonitor)
@@ -60,7 +68,8 @@ def get_parser(**parser_kwargs: Any) -> argparse.ArgumentParser:
                         help="resume from logdir or checkpoint in logdir")
     parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=list(),
                         help="paths to base configs, merged left to right; `key.path=value` arguments override them")
-    parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("-t", "--train", type=str2bool, const=True, default=None, nargs="?",
+                        help="train (implied by -r/--resume: a resumed run continues training; -t false only tests)")
     parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="disable test")
     parser.add_argument("-p", "--project", help="group the run under <logdir>/<project>/ (and name the wandb project)")
     parser.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
@@ -107,6 +116,11 @@ def build_trainer(opt: argparse.Namespace, run: training.RunDirs, now: str, conf
         trainer_kwargs, cfg_resume = training.trainer_kwargs_from_config(
             lightning_config.get("trainer", {}), gpus=opt.gpus,
             find_unused_parameters=lightning_config.get("find_unused_parameters"))
+    if trainer_kwargs.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        asked = f"--gpus {opt.gpus}" if opt.gpus is not None else f"lightning.trainer.gpus ({lsrc})"
+        raise ConfigError(f"{asked} asks for GPU(s) {trainer_kwargs.get('devices')}, but no CUDA device was found "
+                          f"(torch.cuda.is_available() is False). To run on the CPU, leave out --gpus "
+                          f"(and set lightning.trainer.gpus=null if the config names GPUs).")
     accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
     if accumulate > 1 and not model.automatic_optimization and hasattr(model, "accumulate_grad_batches"):
         # Lightning refuses accumulation with manual optimisation (AutoencoderKL, VQModel): the model does it
@@ -120,9 +134,10 @@ def build_trainer(opt: argparse.Namespace, run: training.RunDirs, now: str, conf
                     "cfgdir": run.cfgdir, "config": config, "lightning_config": lightning_config}
     callbacks_cfg = training.callbacks_config(lightning_config, setup_params, run.ckptdir, modelckpt_cfg,
                                               run.ckpt or cfg_resume)
-    logger = training.instantiate_in(lsrc, logger_cfg)
-    callbacks = [training.instantiate_in(lsrc, callbacks_cfg[k]) for k in callbacks_cfg]
+    logger = training.instantiate_in(lsrc, logger_cfg, path="lightning.logger")
+    callbacks = [training.instantiate_in(lsrc, callbacks_cfg[k], path=f"lightning.callbacks.{k}") for k in callbacks_cfg]
     callbacks.append(training.RNGStateCallback())
+    callbacks.append(training.ResumedOptimizerSettings())
     plugins = list(trainer_kwargs.pop("plugins", None) or [])
     if not any(isinstance(p, pl.plugins.io.CheckpointIO) for p in plugins):
         plugins.append(training.AtomicCheckpointIO())
@@ -148,12 +163,19 @@ def set_learning_rate(model: pl.LightningModule, trainer: pl.Trainer, config: An
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    training.install_sigusr1_handler()  # from the start: SIGUSR1 saves (while training) or is ignored, never kills
     opt, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if opt.name and opt.resume:
-        raise ValueError("-n/--name and -r/--resume cannot be specified both. To resume training in a new log "
-                         "folder, use -n/--name with lightning.trainer.resume_from_checkpoint=<ckpt>")
+        raise ConfigError("-n/--name and -r/--resume cannot be specified both. To resume training in a new log "
+                          "folder, use -n/--name with lightning.trainer.resume_from_checkpoint=<ckpt>")
     if opt.resume is True or opt.name is True:
-        raise ValueError("-r/--resume needs a log folder or checkpoint, -n/--name a name")
+        raise ConfigError("-r/--resume needs a log folder or checkpoint, -n/--name a name")
+    if opt.train is None:
+        opt.train = bool(opt.resume)
+        if opt.resume:
+            rank_zero_info("resuming training (-r implies -t; pass -t false to only run the test split)")
+    if opt.resume and os.path.isdir(opt.resume) and training.launcher_process():
+        training.RunLock(opt.resume).ensure_free()  # a live writer first, before "no checkpoint yet"
     now = training.run_timestamp()
     run = training.resolve_run_dirs(now, opt.resume, opt.name, tuple(opt.base), opt.logdir, opt.postfix,
                                     opt.project)
@@ -162,10 +184,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     for section in ("model", "data"):
         if section not in config:
             raise ConfigError(f"no `{section}` section in {', '.join(list(run.resumed_configs) + opt.base) or 'no config'}")
+    training.check_run_config(config, lightning_config, sources)  # every key and type, before building
 
-    model = training.instantiate_in(sources["model"], config.model)
+    lock = None
+    if training.launcher_process():  # one writer per log folder; a read-only / full disk is said first
+        fresh_dir = not os.path.exists(run.logdir)
+        training.check_writable(run.logdir)
+        lock = training.RunLock(run.logdir).acquire()
+        training.remove_stale_tmp_files(run.logdir)
+    try:
+        return _run(opt, run, now, config, lightning_config, sources)
+    finally:
+        if lock is not None:
+            lock.release()
+            if fresh_dir and os.path.isdir(run.logdir) and not os.listdir(run.logdir):
+                os.rmdir(run.logdir)  # failed before writing anything: leave no empty log folder
+
+
+def _run(opt: argparse.Namespace, run: training.RunDirs, now: str, config: Any, lightning_config: Any,
+         sources: dict[str, str]) -> int:
+    model = training.instantiate_in(sources["model"], config.model, path="model")
     trainer, cfg_resume = build_trainer(opt, run, now, config, lightning_config, sources, model)
-    data = training.instantiate_in(sources["data"], config.data)
+    if opt.train and (run.ckpt or cfg_resume):
+        training.check_resume_checkpoint(model, run.ckpt or cfg_resume)
+    data = training.instantiate_in(sources["data"], config.data, path="data")
     with config_source(sources["data"]):
         data.prepare_data()
         data.setup()
@@ -174,10 +216,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank_zero_info(f"{k}, {ds.__class__.__name__}, {len(ds) if hasattr(ds, '__len__') else '?'}")
     set_learning_rate(model, trainer, config, opt.scale_lr, int(lightning_config.trainer.accumulate_grad_batches))
 
-    try:
-        signal.signal(signal.SIGUSR1, training.LDMModelCheckpoint.request_save)
-    except ValueError:  # not the main thread
-        pass
     set_env = training.RUN_NOW_ENV not in os.environ
     os.environ[training.RUN_NOW_ENV] = now  # DDP workers Lightning starts inherit it: one log dir for all ranks
     try:
@@ -210,3 +248,9 @@ if __name__ == "__main__":
     except ConfigError as err:
         print(f"main.py: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except training.USER_ERRORS as err:  # a bad file, a locked or unwritable folder, a NaN: the message says it all
+        print(f"main.py: error: {err}", file=sys.stderr)
+        sys.exit(3 if isinstance(err, training.NonFiniteError) else 2)
+    finally:
+        if hasattr(_signal, "SIGUSR1"):  # Python resets handlers at exit; SIG_IGN survives: a late SIGUSR1 is no kill
+            _signal.signal(_signal.SIGUSR1, _signal.SIG_IGN)

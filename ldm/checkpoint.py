@@ -120,9 +120,35 @@ def _benign_globals(path: Path) -> Optional[list[Any]]:
 
 
 def read_checkpoint(path: PathLike, *, unsafe_pickle: bool = False) -> Any:
-    """The object stored in a .ckpt/.pt/.pth (weights_only unless `unsafe_pickle`) or .safetensors file."""
+    """The object stored in a .ckpt/.pt/.pth (weights_only unless `unsafe_pickle`) or .safetensors file.
+    A truncated or corrupt file raises a CheckpointError naming it, its size and what is wrong."""
     path = Path(path)
     _check_exists(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise ValueError(f"starts with {head!r}, neither a torch zip archive nor a legacy pickle")
+        return _read_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch / zipfile / safetensors errors for a damaged file
+        raise CorruptCheckpointError(path, e) from e
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file exists but is not a readable checkpoint (truncated, overwritten, wrong format)."""
+
+    def __init__(self, path: Path, error: BaseException):
+        size = path.stat().st_size if path.exists() else 0
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (.ckpt/.pt)"
+        super().__init__(f"cannot read checkpoint '{path}' ({size} bytes): not a complete {kind} file -- "
+                         f"truncated by an interrupted copy or download, or corrupt ({type(error).__name__}: "
+                         f"{first}). Copy or download it again.")
+
+
+def _read_checkpoint(path: Path, *, unsafe_pickle: bool = False) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path), device="cpu")

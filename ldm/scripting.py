@@ -72,6 +72,20 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """argparse `type=` that parses `kind` and refuses values below `low` (`--n_samples 0`, `--eta -1`)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float = 0.0, scale: float = 1.0,
                     n_samples: int = 4, outdir: str = "outputs/samples", config: Optional[str] = None,
                     size: bool = True, samplers: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
@@ -89,8 +103,8 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float =
                    help="= --sampler plms")
     s.add_argument("--dpm", dest="sampler", action="store_const", const="dpm", default=argparse.SUPPRESS,
                    help="= --sampler dpm")
-    s.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=steps, help="sampling steps")
-    s.add_argument("--eta", "--ddim_eta", dest="eta", type=float, default=eta,
+    s.add_argument("--steps", "--ddim_steps", dest="steps", type=at_least(1), default=steps, help="sampling steps")
+    s.add_argument("--eta", "--ddim_eta", dest="eta", type=at_least(0.0, float), default=eta,
                    help="DDIM eta (0: deterministic; 1: as stochastic as DDPM)")
     s.add_argument("--scale", type=float, default=scale,
                    help="classifier-free guidance: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
@@ -101,8 +115,8 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float =
     s.add_argument("--guidance_rescale", type=float,
                    help="rescale the guided prediction toward the conditional one's std (phi, Lin et al. 2024)")
     s.add_argument("--seed", type=int, default=42, help="seed of every random draw (same seed, same images)")
-    s.add_argument("--n_samples", type=int, default=n_samples, help="batch size: samples per iteration")
-    s.add_argument("--n_iter", type=int, default=1, help="number of iterations (batches)")
+    s.add_argument("--n_samples", type=at_least(1), default=n_samples, help="batch size: samples per iteration")
+    s.add_argument("--n_iter", type=at_least(1), default=1, help="number of iterations (batches)")
     if size:
         s.add_argument("--H", type=int, help="image height in pixels (default: the model's training size); "
                                              "larger sizes sample convolutionally")

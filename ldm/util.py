@@ -105,8 +105,16 @@ def check_params(target: str, obj: Callable, params: Mapping[str, Any]) -> None:
             raise ConfigError(f"{target} has no parameter '{key}'{hint_s}{_where()}")
 
 
+# True while an outer instantiate_from_config has checked the whole tree it is building.
+_tree_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("ldm_tree_checked", default=False)
+
+
 def instantiate_from_config(config: Any, **extra: Any) -> Any:
-    """Build `config.target(**config.params, **extra)`; the original's sentinels give None."""
+    """Build `config.target(**config.params, **extra)`; the original's sentinels give None.
+
+    The outermost call first checks the whole tree (ldm.config_schema.check_config: unknown keys
+    at any depth and wrong-typed values are ConfigErrors naming the key path), so a typo deep in
+    `ddconfig` fails before anything is built."""
     if isinstance(config, str) and config in _SENTINELS:
         return None
     if not isinstance(config, Mapping) or "target" not in config:
@@ -118,7 +126,29 @@ def instantiate_from_config(config: Any, **extra: Any) -> Any:
     params.update(extra)
     obj = get_obj_from_str(target)
     check_params(target, obj, params)
-    return obj(**params)
+    if _tree_checked.get():
+        return obj(**params)
+    from ldm.config_schema import check_config
+    check_config(config, _config_path.get())
+    token = _tree_checked.set(True)
+    try:
+        return obj(**params)
+    finally:
+        _tree_checked.reset(token)
+
+
+# The key path of the config being instantiated (e.g. `model`), for error messages.
+_config_path: contextvars.ContextVar[str] = contextvars.ContextVar("ldm_config_path", default="")
+
+
+@contextlib.contextmanager
+def config_path(path: str) -> Iterator[None]:
+    """Within this block, config errors name keys under `path` (e.g. `model.params.ddconfig.ch`)."""
+    token = _config_path.set(path)
+    try:
+        yield
+    finally:
+        _config_path.reset(token)
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 class ToyImages(Dataset):
     """`n` fixed random 4x4 RGB images in [-1, 1] with labels."""
 
-    def __init__(self, n: int = 20, size: int = 4, seed: int = 0):
+    def __init__(self, n: int = 20, size: int = 4, seed: int = 0, nan_index: int = -1):
         g = torch.Generator().manual_seed(seed)
         self.x = (torch.rand(n, size, size, 3, generator=g) * 2 - 1).numpy()
         self.y = torch.randint(0, 10, (n,), generator=g).numpy()
+        if nan_index >= 0:  # a corrupt sample: its loss is NaN
+            self.x[nan_index, 0, 0, 0] = float("nan")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -41,7 +43,8 @@ class ToyModel(pl.LightningModule):
     must restore optimizer, scheduler, buffers and RNG state to match an uninterrupted run."""
 
     def __init__(self, dim: int = 48, hidden: int = 8, monitor: str | None = None, fail_at_step: int = -1,
-                 signal_at_step: int = -1, stop_at_step: int = -1):
+                 signal_at_step: int = -1, stop_at_step: int = -1, nan_at_step: int = -1,
+                 step_sleep: float = 0.0):
         super().__init__()
         self.enc = torch.nn.Linear(dim, hidden)
         self.dec = torch.nn.Linear(hidden, dim)
@@ -50,6 +53,8 @@ class ToyModel(pl.LightningModule):
         self.fail_at_step = fail_at_step  # raise in training_step at this global step
         self.signal_at_step = signal_at_step  # send ourselves SIGUSR1 in training_step at this global step
         self.stop_at_step = stop_at_step  # set trainer.should_stop (as max_time / EarlyStopping do) at this step
+        self.nan_at_step = nan_at_step  # the loss of this global step is NaN
+        self.step_sleep = step_sleep  # seconds slept per step (spreads fault-injection kill times over training)
         if monitor:
             self.monitor = monitor
 
@@ -57,6 +62,9 @@ class ToyModel(pl.LightningModule):
         return self.dec(self.enc(x) + 0.1 * torch.randn(x.shape[0], self.enc.out_features))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.step_sleep:
+            import time
+            time.sleep(self.step_sleep)
         if self.global_step == self.fail_at_step:
             raise RuntimeError("toy failure")
         if self.global_step == self.signal_at_step:
@@ -65,6 +73,8 @@ class ToyModel(pl.LightningModule):
             self.trainer.should_stop = True
         x = batch["image"].flatten(1)
         loss = torch.nn.functional.mse_loss(self(x), x)
+        if self.global_step == self.nan_at_step:
+            loss = loss * float("nan")
         self.log("train/loss", loss)
         self._losses = getattr(self, "_losses", []) + [(self.global_step, float(loss.detach()))]
         return loss

@@ -4,7 +4,9 @@
   (`data/lsun/...`); `data_path` keeps that and lets `$LDM_DATA_ROOT` replace the leading
   `data/` so a run can point at another disk without editing configs;
 * reading images: `load_image` turns any failure (missing, truncated, not an image) into a
-  `BadImage` naming the file; `SkipBadImages` makes `__getitem__` log it, count it and move
+  `BadImage` naming the file; alpha is composited onto white, 16-bit samples are scaled to
+  8 bits and images smaller than the training size are upscaled, each counted in
+  `IMAGE_FIXES` and logged (1st, 10th, 100th, ... time); `SkipBadImages` makes `__getitem__` log it, count it and move
   to the next index instead of crashing mid-epoch;
 * the original preprocessing: smallest side to `size`, then a center or random square crop,
   then `x / 127.5 - 1` as float32, HWC;
@@ -106,7 +108,7 @@ def load_image(path: str) -> np.ndarray:
             return np.ascontiguousarray(arr.transpose(1, 2, 0)).astype(np.uint8)
         with Image.open(path) as img:
             img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return to_rgb8(img, path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImage(path, f"{type(e).__name__}: {e}") from None
 
@@ -117,9 +119,48 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return to_rgb8(img, name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImage(name, f"{type(e).__name__}: {e}") from None
+
+
+# What reading had to change, per kind, in this process (logged at the 1st, 10th, 100th, ... time).
+IMAGE_FIXES: dict[str, int] = {}
+_FIX_TEXT = {
+    "alpha": "has an alpha channel: composited onto a white background",
+    "16bit": "has 16-bit (or 32-bit) samples: scaled to 8 bits (x / 257), not clipped",
+    "upscaled": "is smaller than the training size: upscaled (bicubic) to it",
+}
+
+
+def note_fix(kind: str, name: str) -> None:
+    """Count (and now and then log) a documented change made to an image while reading it."""
+    n = IMAGE_FIXES[kind] = IMAGE_FIXES.get(kind, 0) + 1
+    if n == 1 or n in (10, 100, 1000, 10000):
+        log.warning("image %s %s (%d image(s) so far in this process)", name, _FIX_TEXT[kind], n)
+
+
+def to_rgb8(img: Image.Image, name: str = "") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PIL image: alpha is composited onto white, 16/32-bit samples
+    are scaled to 8 bits (PIL's convert('RGB') would drop alpha, showing whatever the RGB
+    under transparent pixels is, and clip 16-bit values to 255: a white image)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        note_fix("16bit", name)
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and arr.max(initial=0.0) <= 1.0:
+            arr = arr * 255.0
+        elif img.mode != "F":
+            arr = arr / 257.0
+        gray = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not opaque
+            note_fix("alpha", name)
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+        return np.asarray(rgba.convert("RGB"), dtype=np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 class SkipBadImages:
@@ -169,6 +210,8 @@ def smallest_side_to(img: np.ndarray, size: int, resample: int = Image.BICUBIC) 
     """Scale so that the smaller side equals `size` (albumentations `SmallestMaxSize`)."""
     h, w = img.shape[:2]
     scale = size / min(h, w)
+    if scale > 1:
+        note_fix("upscaled", f"of {w}x{h}")
     hw = (size, max(size, int(round(w * scale)))) if h <= w else (max(size, int(round(h * scale))), size)
     return resize_to(img, hw, resample)
 
@@ -177,7 +220,8 @@ def crop_box(hw: tuple[int, int], crop: tuple[int, int], rng: Optional[np.random
     """Top-left corner of a `crop` window in an image of size `hw`: centered, or random with `rng`."""
     (h, w), (ch, cw) = hw, crop
     if ch > h or cw > w:
-        raise ValueError(f"crop {crop} larger than image {hw}")
+        raise ValueError(f"crop {crop} larger than image {hw}: resize first (e.g. smallest_side_to), or use "
+                         f"a dataset `size` no larger than the smallest image")
     if rng is None:
         return (h - ch) // 2, (w - cw) // 2
     return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))

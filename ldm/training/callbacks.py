@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from ldm.training.checkpointing import save_last_checkpoint_now
+from ldm.training.nan_guard import is_nonfinite_error
 
 
 class SetupCallback(Callback):
@@ -41,10 +42,18 @@ class SetupCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Only once this fit has trained: a failure during setup must not replace a good last.ckpt.
+        # Never after a NaN/inf (the weights or the state may be bad) or a failed write (it would fail again).
         start = self._start_step
+        if is_nonfinite_error(exception) or isinstance(exception, OSError):
+            rank_zero_info(f"Not writing an emergency checkpoint after {type(exception).__name__}; "
+                           f"the checkpoints in {self.ckptdir} are as they were.")
+            return
         if trainer.global_rank == 0 and start is not None and trainer.global_step > start:
             rank_zero_info("Summoning checkpoint.")
-            save_last_checkpoint_now(trainer, self.ckptdir)
+            try:
+                save_last_checkpoint_now(trainer, self.ckptdir)
+            except Exception as e:  # noqa: BLE001 - the original exception is the one to see
+                rank_zero_info(f"emergency checkpoint failed: {e}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:

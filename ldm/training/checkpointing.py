@@ -15,6 +15,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from ldm.training.nan_guard import assert_finite_weights
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place, so a
@@ -22,19 +24,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = os.fspath(path)
+        if isinstance(checkpoint.get("state_dict"), dict):
+            assert_finite_weights(checkpoint["state_dict"], path)  # never a checkpoint of NaN weights
         folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp = None
         try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
+            os.close(fd)
             super().save_checkpoint(checkpoint, tmp, storage_options)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+                    else "nothing was written")
+            raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e} ({kept}; free space or "
+                                   f"fix permissions of {folder}, then resume with -r)") from e
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _unlink_quietly(tmp)
             raise
+
+
+TMP_SUFFIX = ".tmp"  # AtomicCheckpointIO's temporary files: .<name>.<random>.tmp beside the target
+
+
+def _unlink_quietly(path: Optional[str]) -> None:
+    if path and os.path.exists(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Delete temporary files interrupted saves left under `folder` (a killed run's); returns them."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                path = os.path.join(root, name)
+                _unlink_quietly(path)
+                removed.append(path)
+    if removed:
+        rank_zero_info(f"removed {len(removed)} temporary file(s) of an interrupted save: "
+                       + ", ".join(sorted(removed)))
+    return removed
 
 
 class LDMModelCheckpoint(ModelCheckpoint):
@@ -48,10 +84,15 @@ class LDMModelCheckpoint(ModelCheckpoint):
     - always names it `last.ckpt` (no `last-v1.ckpt` when resuming into the same folder)."""
 
     save_requested = False  # set by the signal handler; read at the next batch end
+    training_active = False  # between on_train_start and on_train_end: a requested save will happen
 
     @classmethod
     def request_save(cls, *_: Any) -> None:
         cls.save_requested = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        LDMModelCheckpoint.training_active = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -83,6 +124,8 @@ class LDMModelCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer), force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        LDMModelCheckpoint.training_active = False
+        LDMModelCheckpoint.save_requested = False
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer), force=True)
 
@@ -92,6 +135,30 @@ class LDMModelCheckpoint(ModelCheckpoint):
             return
         self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         self._save_checkpoint(trainer, self.last_model_path)
+
+
+def _on_sigusr1(signum: int, frame: Any) -> None:
+    """SIGUSR1: save last.ckpt after the current training step, or (not training) say it is ignored."""
+    if LDMModelCheckpoint.training_active:
+        LDMModelCheckpoint.request_save()
+        msg = "SIGUSR1: last.ckpt will be written after the current training step\n"
+    else:
+        msg = "SIGUSR1 received while not training: nothing to save, ignored\n"
+    try:
+        os.write(2, msg.encode())
+    except OSError:
+        pass
+
+
+def install_sigusr1_handler() -> None:
+    """Install the SIGUSR1 handler (main thread only; elsewhere a no-op)."""
+    import signal
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        signal.signal(signal.SIGUSR1, _on_sigusr1)
+    except ValueError:  # not the main thread
+        pass
 
 
 def after_module_train_batch_end(pl_module: pl.LightningModule) -> list:

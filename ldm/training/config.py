@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from ldm.util import ConfigError, config_source, instantiate_from_config
+from ldm.util import ConfigError, config_path, config_source, instantiate_from_config
 from ldm.util import _where  # the YAML named by the enclosing config_source()
 
 RUN_NOW_ENV = "LDM_RUN_NOW"  # shared with the DDP worker processes Lightning starts, so all use one log dir
@@ -55,12 +55,20 @@ def resolve_run_dirs(now: str, resume: str = "", name: str = "", base: tuple[str
             ckpt = resume
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
             if os.path.basename(os.path.dirname(os.path.abspath(resume))) != "checkpoints":
-                raise ValueError(f"cannot resume from '{resume}': expected <logdir>/checkpoints/<file>.ckpt")
+                from ldm.training.resume import ResumeError, weights_instead
+                raise ResumeError(f"cannot resume from '{resume}': -r takes a main.py log folder or "
+                                  f"<logdir>/checkpoints/<file>.ckpt; " + weights_instead(resume))
         else:
             run_dir = resume.rstrip("/")
             ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
             if not os.path.isfile(ckpt):
-                raise FileNotFoundError(f"cannot resume from '{resume}': no checkpoint at {ckpt}")
+                # e.g. killed while writing its first last.ckpt: the newest other checkpoint of the run
+                others = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")),
+                                key=os.path.getmtime)
+                if not others:
+                    raise FileNotFoundError(f"cannot resume from '{resume}': no checkpoint at {ckpt}")
+                rank_zero_info(f"{ckpt} does not exist; resuming from the newest checkpoint of the run, {others[-1]}")
+                ckpt = others[-1]
         configs = tuple(sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml"))))
         return RunDirs(run_dir, os.path.basename(run_dir), ckpt, configs)
     if name:
@@ -89,6 +97,32 @@ def load_yaml(path: str) -> DictConfig:
     return cfg
 
 
+def drop_replaced_params(base: DictConfig, layer: DictConfig) -> None:
+    """Where `layer` sets a `target` different from the one in `base`, delete that node's
+    `params` from `base`: a replaced class gets its params only from the layer that named it
+    (and later ones), never the previous class's (e.g. `crop_size` of a shipped dataset)."""
+    for key in layer:
+        if key not in base:
+            continue
+        b, o = base._get_node(key), layer._get_node(key)
+        if not (OmegaConf.is_dict(b) and OmegaConf.is_dict(o)):
+            continue
+        if "target" in o and "target" in b and str(o.get("target")) != str(b.get("target")):
+            if "params" in b:
+                b.pop("params")
+        else:
+            drop_replaced_params(b, o)
+
+
+def merge_layers(layers: list[DictConfig]) -> DictConfig:
+    """OmegaConf.merge left to right, except that a changed `target` drops the earlier params."""
+    config = OmegaConf.create()
+    for layer in layers:
+        drop_replaced_params(config, layer)
+        config = OmegaConf.merge(config, layer)
+    return config
+
+
 def load_configs(paths: list[str], dotlist: list[str]) -> tuple[DictConfig, DictConfig, dict[str, str]]:
     """Merge YAMLs left to right, then `a.b=c` overrides. Returns (config without `lightning`,
     the `lightning` section, {section: 'file(s) that set it'} for error messages)."""
@@ -100,7 +134,7 @@ def load_configs(paths: list[str], dotlist: list[str]) -> tuple[DictConfig, Dict
         cli = OmegaConf.from_dotlist(dotlist)
     except Exception as e:
         raise ConfigError(f"cannot parse command-line overrides {dotlist}: {e}") from e
-    config = OmegaConf.merge(*configs, cli)
+    config = merge_layers([*configs, cli])
     sources: dict[str, str] = {}
     for section in set(config.keys()):
         files = [p for p, c in zip(paths, configs) if section in c]
@@ -126,7 +160,7 @@ def pl_target(target: str) -> str:
 TRAINER_KEYS = frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
 # Lightning 1 keys that have no Lightning 2 counterpart and change nothing essential: dropped with a warning.
 OBSOLETE_KEYS = frozenset({
-    "terminate_on_nan", "flush_logs_every_n_steps", "log_gpu_memory", "amp_backend", "amp_level",
+    "flush_logs_every_n_steps", "log_gpu_memory", "amp_backend", "amp_level",
     "auto_select_gpus", "track_grad_norm", "prepare_data_per_node", "move_metrics_to_cpu",
     "weights_save_path", "process_position", "auto_lr_find", "auto_scale_batch_size", "stochastic_weight_avg",
     "multiple_trainloader_mode", "truncated_bptt_steps", "reload_dataloaders_every_epoch"})
@@ -159,6 +193,7 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
                else (trainer_config or {}))
     out: dict[str, Any] = {}
     resume_ckpt = cfg.pop("resume_from_checkpoint", None)
+    cfg.pop("terminate_on_nan", None)  # the non-finite guard's business (callbacks_config)
     for key, value in cfg.items():
         if key == "gpus":
             devices = parse_gpus(value)
@@ -191,6 +226,7 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
         elif key in OBSOLETE_KEYS:
             rank_zero_warn(f"lightning.trainer.{key} has no effect in Lightning 2; ignored")
         elif key in TRAINER_KEYS:
+            _check_trainer_type(key, value)
             out[key] = value
         else:
             hint = difflib.get_close_matches(key, sorted(TRAINER_KEYS), n=1)
@@ -205,6 +241,25 @@ def trainer_kwargs_from_config(trainer_config: Any, gpus: Optional[str] = None,
     if find_unused_parameters and out.get("strategy", "auto") in ("ddp", "auto") and _n_devices(out) > 1:
         out["strategy"] = "ddp_find_unused_parameters_true"
     return out, resume_ckpt
+
+
+def _check_trainer_type(key: str, value: Any) -> None:
+    """A lightning.trainer value of the wrong type (`max_steps=abc`) is a ConfigError naming it."""
+    from ldm.config_schema import type_name, type_ok
+    global _TRAINER_HINTS
+    if _TRAINER_HINTS is None:
+        import typing
+        try:
+            _TRAINER_HINTS = typing.get_type_hints(pl.Trainer.__init__)
+        except Exception:  # noqa: BLE001 - unresolvable hints: no type checks
+            _TRAINER_HINTS = {}
+    hint = _TRAINER_HINTS.get(key)
+    if hint is not None and not type_ok(value, hint):
+        raise ConfigError(f"wrong type for 'lightning.trainer.{key}': {value!r} ({type(value).__name__}) where "
+                          f"the Lightning Trainer expects {type_name(hint)}{_where()}")
+
+
+_TRAINER_HINTS: Optional[dict[str, Any]] = None
 
 
 def _n_devices(kwargs: dict[str, Any]) -> int:
@@ -278,6 +333,7 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
         "learning_rate_logger": {"target": "main.LearningRateMonitor", "params": {"logging_interval": "step"}},
         "cuda_callback": {"target": "main.CUDACallback"},
         "checkpoint_callback": modelckpt_cfg,
+        "nan_guard": {"target": "ldm.training.nan_guard.NonFiniteGuard", "params": {"max_skips": 0}},
     }
     user = lightning_config.get("callbacks", OmegaConf.create())
     if "metrics_over_trainsteps_checkpoint" in user:
@@ -287,6 +343,9 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
             "params": {"dirpath": os.path.join(ckptdir, "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
                        "verbose": True, "save_top_k": -1, "every_n_train_steps": 10000, "save_weights_only": True}}
     cfg = OmegaConf.merge(defaults, user)
+    if lightning_config.get("trainer", {}).get("terminate_on_nan"):  # Lightning 1: stop at the first NaN
+        rank_zero_info("lightning.trainer.terminate_on_nan: the non-finite guard stops at the first NaN/inf")
+        cfg.nan_guard.params["max_skips"] = 0
     if "ignore_keys_callback" in cfg:
         if resume_ckpt:
             cfg.ignore_keys_callback.params["ckpt_path"] = resume_ckpt
@@ -297,7 +356,26 @@ def callbacks_config(lightning_config: DictConfig, setup_params: dict[str, Any],
     return cfg
 
 
-def instantiate_in(source: str, config: Any, **extra: Any) -> Any:
-    """instantiate_from_config, with errors naming `source` (the YAML files of that section)."""
-    with config_source(source):
+def check_run_config(config: DictConfig, lightning_config: DictConfig, sources: dict[str, str]) -> None:
+    """Unknown top-level sections, and unknown keys / wrong types anywhere in `model` and `data`,
+    are ConfigErrors naming the key path and the file(s) that set the section."""
+    from ldm.config_schema import check_config, check_sections
+    for key in config.keys():
+        check_sections([key], f" (in {sources.get(str(key), 'the configs')})")
+    for section in ("model", "data"):
+        with config_source(sources.get(section, "")), config_path(section):
+            check_config(config[section], section)
+    with config_source(sources.get("lightning", "")):  # also before building: trainer value types, callbacks
+        for key, value in (lightning_config.get("trainer") or {}).items():
+            if key in TRAINER_KEYS and not OmegaConf.is_config(value):
+                _check_trainer_type(str(key), value)
+        for section in ("callbacks", "logger"):
+            if section in lightning_config:
+                check_config(lightning_config[section], f"lightning.{section}")
+
+
+def instantiate_in(source: str, config: Any, path: str = "", **extra: Any) -> Any:
+    """instantiate_from_config, with errors naming `source` (the YAML files of that section)
+    and key paths under `path` (e.g. `model`)."""
+    with config_source(source), config_path(path):
         return instantiate_from_config(config, **extra)
