@@ -48,7 +48,7 @@ class LambdaWarmUpCosineScheduler:
             t = min(t, 1.0)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
         self.last_lr = lr
-        return lr
+        return float(lr)   # a Python float: numpy scalars in the optimizer state break weights_only resume
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -97,7 +97,7 @@ class LambdaWarmUpCosineScheduler2:
             t = min(t, 1.0)
             f = self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (1 + np.cos(t * np.pi))
         self.last_f = f
-        return f
+        return float(f)
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -116,4 +116,4 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
             f = (self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle])
                  * (self.cycle_lengths[cycle] - n) / (self.cycle_lengths[cycle]))
         self.last_f = f
-        return f
+        return float(f)

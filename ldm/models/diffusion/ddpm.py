@@ -320,6 +320,11 @@ class DDPM(pl.LightningModule, metaclass=_LoadCheckpointAfterInit):
         """Hook: adapt a checkpoint's state dict before loading (fine-tunes extend input channels)."""
         return sd
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning resume (main.py -r): released key layouts load as with `ckpt_path`."""
+        from ldm.checkpoint import adapt_released_layout
+        checkpoint["state_dict"] = adapt_released_layout(self, checkpoint["state_dict"], source="resumed checkpoint")
+
     # ------------------------------------------------------------------ schedule view and denoiser
     @property
     def schedule(self) -> Schedule:

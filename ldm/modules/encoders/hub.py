@@ -119,19 +119,16 @@ def clip_tokenizer(version: str, max_length: int) -> Any:
 def adapt_clip_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """load_state_dict pre-hook: released SD v1 checkpoints hold `transformer.text_model.*`
     (transformers < 5) and `...embeddings.position_ids` (< 4.31); map them onto the keys of
-    the installed CLIPTextModel (and back, for checkpoints saved with a newer one)."""
+    the installed CLIPTextModel (and back), with ldm.checkpoint's one table of released layouts,
+    for code that calls `load_state_dict` directly instead of ldm.checkpoint."""
+    from ldm.checkpoint import rename_released_layout
     own = {prefix + k for k in module.state_dict()}
     head = prefix + "transformer."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        if key in own:
-            continue
-        if key.endswith("embeddings.position_ids"):
-            state_dict.pop(key)
-            continue
-        rest = key[len(head):]
-        alt = head + (rest[len("text_model."):] if rest.startswith("text_model.") else "text_model." + rest)
-        if alt in own:
-            state_dict[alt] = state_dict.pop(key)
+    ours = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
+    for key, value in rename_released_layout(own, ours)[0].items():
+        if key not in own and key.endswith("embeddings.position_ids"):
+            continue   # a buffer that newer transformers no longer store
+        state_dict[key] = value
 
 
 # ----------------------------------------------------------------------------------------
