@@ -20,14 +20,13 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-from ldm.diffusion.schedule import Coefficients, Schedule
+from ldm.diffusion.schedule import PARAMETERIZATIONS, Coefficients, Schedule
 
 Tensor = torch.Tensor
 Cond = Any   # a tensor, a list of tensors, or a dict {'c_concat': [...], 'c_crossattn': [...], 'c_adm': ...}
 NetworkFn = Callable[[Tensor, Tensor, Cond], Tensor]
 CoefficientsFn = Callable[[Tensor, Tensor], Coefficients]   # (t, x) -> Coefficients broadcasting against x
-
-PARAMETERIZATIONS = ("eps", "x0", "v")
+__all__ = ["PARAMETERIZATIONS", "Denoiser", "Prediction", "to_eps", "to_x0", "training_target", "with_score_corrector"]
 
 
 def check_parameterization(parameterization: str) -> str:

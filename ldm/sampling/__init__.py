@@ -1,4 +1,5 @@
-"""Samplers as functions of a denoiser: they know no model class (adapters in ldm.models.diffusion)."""
+"""Samplers as functions of a denoiser: they know no model class (adapters in ldm.models.diffusion).
+The registry (`ldm.sampling.registry`) lists them for every script; noise draws in `ldm.sampling.noise`."""
 from ldm.sampling.ddim import ddim_invert, ddim_step, sample_ddim, stochastic_encode
 from ldm.sampling.ddpm import ddpm_step, sample_ddpm
 from ldm.sampling.dpm_solver import sample_dpm_solver

@@ -99,14 +99,13 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         self.bbox_tokenizer = None
         # patch-wise first stage / UNet for large images (see ldm.diffusion.tiling); set by the user
         self.split_input_params: Optional[dict[str, Any]] = None
-        # LoRA (ldm.modules.lora) is applied by _after_init, after the base checkpoint is loaded
-        self._lora_spec = lora_config
-        self.lora_config = None
+        # LoRA (ldm.modules.lora): added by _after_init, once the base checkpoint is loaded
+        self._lora_spec, self.lora_config = lora_config, None
 
     def _after_init(self) -> None:
-        super()._after_init()
+        super()._after_init()     # ckpt_path
         spec = self.__dict__.pop("_lora_spec", None)
-        if spec is not None:   # freezes all but the adapters
+        if spec is not None:      # freezes all but the adapters
             self.lora_config = lora.add_lora(self, spec)
 
     # ------------------------------------------------------------------ stages and schedule
