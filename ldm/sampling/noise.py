@@ -60,3 +60,8 @@ def ancestral_step(mean: Tensor, log_variance: Tensor, t: Tensor, noise: Tensor)
     """x_{t-1} = mean + [t > 0] exp(log_variance / 2) noise (no noise is added at t = 0)."""
     nonzero_mask = (1 - (t == 0).float()).reshape(mean.shape[0], *((1,) * (mean.ndim - 1)))
     return mean + nonzero_mask * (0.5 * log_variance).exp() * noise
+
+
+def uniform_on_device(r1: float, r2: float, shape: Sequence[int], device: torch.device) -> Tensor:
+    """Uniform draws in [r2, r1) (the original ddpm.py's helper; client code imports it from there)."""
+    return (r1 - r2) * torch.rand(*shape, device=device) + r2

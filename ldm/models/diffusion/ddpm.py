@@ -33,7 +33,7 @@ from ldm.diffusion.denoiser import Denoiser, check_parameterization
 from ldm.diffusion.recipes import TrainingNoise, build_weighting
 from ldm.diffusion.schedule import Schedule, betas_from_config, register_schedule_buffers, schedule_tensors
 from ldm.models.diffusion import loading
-from ldm.sampling.noise import ancestral_step, randn
+from ldm.sampling.noise import ancestral_step, randn, uniform_on_device  # noqa: F401 (original public name)
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
