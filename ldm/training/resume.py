@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from ldm.checkpoint import BENIGN_KEYS, CheckpointError, describe_keys, read_checkpoint
+from ldm.checkpoint import BENIGN_KEYS, CheckpointError, describe_keys, read_checkpoint, rename_released_layout
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
     if missing_state:
         raise ResumeError(f"cannot resume from '{path}': it holds weights only (no {' / '.join(missing_state)}, "
                           f"e.g. a released checkpoint); " + weights_instead(path))
-    sd, own = ckpt["state_dict"], model.state_dict()
+    own = model.state_dict()
+    # released key layouts (e.g. a transformers < 5 text encoder) are renamed by on_load_checkpoint too
+    sd, _ = rename_released_layout(own, ckpt["state_dict"])
     unexpected = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     benign = [k for k in unexpected if any(b.matches(k, "unexpected", own) for b in BENIGN_KEYS)] + \
@@ -57,6 +59,8 @@ def check_resume_checkpoint(model: torch.nn.Module, path: str) -> None:
     shapes = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
               if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
     if (missing or unexpected) and len(benign) == len(missing) + len(unexpected) and not shapes:
+        if getattr(model, "adapts_checkpoint_layout", False):
+            return   # its on_load_checkpoint drops the known-benign keys before Lightning's strict load
         raise ResumeError(f"cannot resume from '{path}': its keys differ from {type(model).__name__} only in "
                           f"known-benign ones ({', '.join(benign[:3])}{', ...' if len(benign) > 3 else ''}), as a "
                           f"released checkpoint's do; " + weights_instead(path))

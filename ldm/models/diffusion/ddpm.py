@@ -320,6 +320,8 @@ class DDPM(pl.LightningModule, metaclass=_LoadCheckpointAfterInit):
         """Hook: adapt a checkpoint's state dict before loading (fine-tunes extend input channels)."""
         return sd
 
+    adapts_checkpoint_layout = True   # on_load_checkpoint renames released layouts, drops benign keys
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning resume (main.py -r): released key layouts load as with `ckpt_path`."""
         from ldm.checkpoint import adapt_released_layout
