@@ -1,0 +1,105 @@
+"""`main.py --finetune_from <ckpt>`: start a training run from the weights of another model
+(a released Stable Diffusion / LDM checkpoint, or one of our runs), not from its training state.
+
+    python main.py --base configs/stable-diffusion/v1-finetune.yaml -t --finetune_from sd-v1-4.ckpt \\
+        data.params.train.params.root=data/my_images
+
+* weights: every tensor of the model must be in the file with its shape (strict, through
+  `ldm.checkpoint.load_into`, so the known-benign keys and released key layouts are handled
+  the same way as everywhere else); entries the model has no place for are listed, not loaded;
+* EMA (`--finetune_ema`): `reset` (default) starts the EMA at the loaded weights; `load` takes
+  the file's `model_ema.*` (falls back to `reset` when the file has none);
+* optimizer, scheduler, step and epoch start fresh (use `-r <logdir>` to continue a run);
+* learning rate: `base_learning_rate` is used as is unless `--scale_lr true` is given explicitly.
+
+A summary of what was loaded and what was ignored is printed. Resuming such a run with `-r`
+restores its own last.ckpt and does not read the file again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+EMA_CHOICES = ("reset", "load")
+EMA_PREFIX = "model_ema."
+
+
+def group_counts(keys: Sequence[str]) -> str:
+    """'model: 686, first_stage_model: 248, ...' (first key component)."""
+    counts = Counter(k.split(".", 1)[0] for k in keys)
+    return ", ".join(f"{name}: {n}" for name, n in counts.most_common()) or "none"
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str, ema: str = "reset", *,
+                         unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Load the weights of `path` into `model` for fine-tuning; returns (and prints) a summary
+    {"loaded", "ignored", "benign", "ema"} of key lists / the EMA decision."""
+    from ldm.checkpoint import load_into, load_state_dict_file
+    from ldm.models.diffusion.loading import ema_from_weights
+    if ema not in EMA_CHOICES:
+        raise ValueError(f"--finetune_ema must be one of {EMA_CHOICES}, got {ema!r}")
+    sd = load_state_dict_file(path, unsafe_pickle=unsafe_pickle)
+    file_ema = [k for k in sd if k.startswith(EMA_PREFIX)]
+    own = model.state_dict()
+    ema_module = getattr(model, "model_ema", None)
+    if ema_module is None:
+        how = "model has no EMA (use_ema: false)"
+        dropped_ema = file_ema
+        sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    elif ema == "load" and file_ema:
+        how = f"loaded from the checkpoint ({len(file_ema)} model_ema.* entries)"
+        dropped_ema = []
+    else:
+        how = "reset to the loaded weights" + (" (the checkpoint has no EMA weights)" if ema == "load" else "")
+        dropped_ema = file_ema
+        sd = ema_from_weights(sd, ema_module, model.model)
+    # entries the model has no place for are reported, not loaded (model_ema.* handled above)
+    unexpected = sorted(k for k in sd if k not in own and not k.startswith(EMA_PREFIX))
+    for k in unexpected:
+        sd.pop(k)
+    report = load_into(model, sd, strict=True, source=f"--finetune_from '{path}'")
+    loaded = [k for k in sd if k in own and not k.startswith(EMA_PREFIX)]
+    benign = sorted(k for keys in report.benign.values() for k in keys)
+    ignored = sorted(set(dropped_ema) | set(unexpected))
+    lines = [f"Fine-tuning from {path}:",
+             f"  loaded  {len(loaded)} tensors ({group_counts(loaded)})",
+             f"  EMA     {how}",
+             f"  ignored {len(ignored)} checkpoint entries ({group_counts(ignored)})"
+             + (f", e.g. {', '.join(ignored[:3])}" if ignored else ""),
+             "  optimizer, LR scheduler, step and epoch start fresh"]
+    if benign:
+        lines.insert(3, f"  benign  {len(benign)} known-benign differences skipped: {', '.join(benign[:3])}")
+    rank_zero_info("\n".join(lines))
+    return {"loaded": loaded, "ignored": ignored, "benign": benign, "ema": how}
+
+
+def explicit_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def apply(model: torch.nn.Module, opt: argparse.Namespace, argv: Sequence[str]) -> Optional[dict[str, Any]]:
+    """main.py's hook: with --finetune_from (and not resuming) load the weights and use
+    base_learning_rate as is unless --scale_lr was given explicitly."""
+    path = getattr(opt, "finetune_from", None)
+    if not path:
+        return None
+    if opt.resume:
+        rank_zero_info(f"--finetune_from {path} ignored: -r restores the run's own checkpoint")
+        return None
+    if not Path(path).is_file():
+        from ldm.checkpoint import CheckpointNotFoundError
+        raise CheckpointNotFoundError(f"--finetune_from: checkpoint not found: '{path}'")
+    if not explicit_flag(argv, "--scale_lr"):
+        opt.scale_lr = False
+        rank_zero_info("Fine-tuning: base_learning_rate is the learning rate (pass --scale_lr true to scale it "
+                       "by batch size x devices x accumulation)")
+    return init_from_checkpoint(model, path, getattr(opt, "finetune_ema", "reset"))
