@@ -34,8 +34,8 @@ EMA_PREFIX = "model_ema."
 
 
 def group_counts(keys: Sequence[str]) -> str:
-    """'model: 686, first_stage_model: 248, ...' (first key component)."""
-    counts = Counter(k.split(".", 1)[0] for k in keys)
+    """'model: 686, first_stage_model: 248, ...' (first key component; top-level buffers together)."""
+    counts = Counter(k.split(".", 1)[0] if "." in k else "schedule buffers" for k in keys)
     return ", ".join(f"{name}: {n}" for name, n in counts.most_common()) or "none"
 
 
