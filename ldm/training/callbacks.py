@@ -97,15 +97,17 @@ class ImageLogger(Callback):
             else [self.batch_freq]
         self.logging_seconds = 0.0  # wall time spent in log_images (+ saving) during this fit
         self.logging_calls = 0
+        self.unet_evals = 0  # denoiser forward calls made by log_images during this fit
         self._fit_start: Optional[float] = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start, self.logging_seconds, self.logging_calls = time.perf_counter(), 0.0, 0
+        self._fit_start, self.logging_seconds, self.logging_calls, self.unet_evals = time.perf_counter(), 0.0, 0, 0
 
     def time_report(self) -> str:
         total = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         return (f"Wall time: {total:.1f} s fit, of which {total - self.logging_seconds:.1f} s training and "
-                f"{self.logging_seconds:.1f} s image logging ({self.logging_calls} log_images calls)")
+                f"{self.logging_seconds:.1f} s image logging ({self.logging_calls} log_images calls, "
+                f"{self.unet_evals} UNet evaluations)")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit_start is not None:
@@ -116,7 +118,7 @@ class ImageLogger(Callback):
         net = getattr(pl_module, "model", None)
         if self.progress_delay is None or not isinstance(net, torch.nn.Module) or pl_module.global_rank != 0:
             return nullcontext()
-        return _EvalProgress(net, f"log_images ({split}, step {pl_module.global_step})", self.progress_delay)
+        return _EvalProgress(net, f"log_images ({split}, step {pl_module.global_step})", self.progress_delay, self)
 
     @rank_zero_only
     def log_local(self, save_dir: str, split: str, images: dict, global_step: int, current_epoch: int,
@@ -189,17 +191,22 @@ class ImageLogger(Callback):
 class _EvalProgress:
     """Counts forward calls of `net` on a tqdm bar that appears only after `delay` seconds."""
 
-    def __init__(self, net: torch.nn.Module, desc: str, delay: float):
-        self.net, self.desc, self.delay = net, desc, delay
+    def __init__(self, net: torch.nn.Module, desc: str, delay: float, owner: Optional["ImageLogger"] = None):
+        self.net, self.desc, self.delay, self.owner = net, desc, delay, owner
 
     def __enter__(self) -> "_EvalProgress":
         from tqdm.auto import tqdm
         self.bar = tqdm(desc=self.desc, unit=" UNet evals", delay=self.delay, leave=False)
-        self.handle = self.net.register_forward_hook(lambda *_: self.bar.update(1))
+        self.handle = self.net.register_forward_hook(self._count)
         return self
+
+    def _count(self, *_: Any) -> None:
+        self.bar.update(1)   # returns nothing: a forward hook's return value would replace the output
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+        if self.owner is not None:
+            self.owner.unet_evals += self.bar.n
         self.bar.close()
 
 
