@@ -72,10 +72,7 @@ def get_parser(**parser_kwargs: Any) -> argparse.ArgumentParser:
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                         help="scale base-lr by num_devices * batch_size * accumulate_grad_batches")
     parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. 0,1 (absent: as the config says, else CPU)")
-    parser.add_argument("--finetune_from", type=str, default=None,
-                        help="start from this checkpoint's weights (fresh optimizer and step; see ldm/training/finetune.py)")
-    parser.add_argument("--finetune_ema", choices=finetune.EMA_CHOICES, default="reset",
-                        help="with --finetune_from: start the EMA at the loaded weights (reset) or load the file's")
+    finetune.add_arguments(parser)  # --finetune_from, --finetune_ema
     return parser
 
 
@@ -169,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"no `{section}` section in {', '.join(list(run.resumed_configs) + opt.base) or 'no config'}")
 
     model = training.instantiate_in(sources["model"], config.model)
-    finetune.apply(model, opt, sys.argv[1:] if argv is None else argv)
+    finetune.apply(model, opt)  # --finetune_from: weights of another run / a released checkpoint
     trainer, cfg_resume = build_trainer(opt, run, now, config, lightning_config, sources, model)
     data = training.instantiate_in(sources["data"], config.data)
     with config_source(sources["data"]):

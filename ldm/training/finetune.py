@@ -82,14 +82,27 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, ema: str = "reset", 
     return {"loaded": loaded, "ignored": ignored, "benign": benign, "ema": how}
 
 
-def explicit_flag(argv: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """main.py's options; --scale_lr's default becomes None ("not given"), resolved by `apply`."""
+    parser.add_argument("--finetune_from", type=str, default=None, metavar="CKPT",
+                        help="start from the weights of this checkpoint (.ckpt / .safetensors): fresh optimizer, "
+                             "scheduler and step, base_learning_rate used as is (see ldm/training/finetune.py)")
+    parser.add_argument("--finetune_ema", choices=EMA_CHOICES, default="reset",
+                        help="with --finetune_from: start the EMA at the loaded weights (reset) or take the file's (load)")
+    parser.set_defaults(scale_lr=None)
 
 
-def apply(model: torch.nn.Module, opt: argparse.Namespace, argv: Sequence[str]) -> Optional[dict[str, Any]]:
-    """main.py's hook: with --finetune_from (and not resuming) load the weights and use
-    base_learning_rate as is unless --scale_lr was given explicitly."""
+def apply(model: torch.nn.Module, opt: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """main.py's hook, right after the model is built: with --finetune_from (and not resuming)
+    load the weights. Resolves --scale_lr: as given, else off when fine-tuning and on otherwise
+    (the original's rule)."""
     path = getattr(opt, "finetune_from", None)
+    finetuning = bool(path) and not opt.resume
+    if getattr(opt, "scale_lr", True) is None:
+        opt.scale_lr = not finetuning
+        if finetuning:
+            rank_zero_info("Fine-tuning: base_learning_rate is the learning rate (pass --scale_lr true to scale it "
+                           "by batch size x devices x accumulation)")
     if not path:
         return None
     if opt.resume:
@@ -98,8 +111,4 @@ def apply(model: torch.nn.Module, opt: argparse.Namespace, argv: Sequence[str]) 
     if not Path(path).is_file():
         from ldm.checkpoint import CheckpointNotFoundError
         raise CheckpointNotFoundError(f"--finetune_from: checkpoint not found: '{path}'")
-    if not explicit_flag(argv, "--scale_lr"):
-        opt.scale_lr = False
-        rank_zero_info("Fine-tuning: base_learning_rate is the learning rate (pass --scale_lr true to scale it "
-                       "by batch size x devices x accumulation)")
     return init_from_checkpoint(model, path, getattr(opt, "finetune_ema", "reset"))
