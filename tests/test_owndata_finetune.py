@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from test_owndata_folder import make_folder
+from test_owndata_folder import make_folder, roots
 from test_scripts_common import script
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_finetune_sd1_resume_exactly_then_txt2img_and_img2img(folder, tmp_path, 
     monkeypatch.chdir(ROOT)
     cfg, ckpt = tiny_sd("v1-finetune.yaml", tmp_path / "sd1")
     base = ["--base", str(SD / "v1-finetune.yaml"), str(cfg), "-t", "-l", str(tmp_path / "logs"),
-            *RUN, f"data.params.train.params.root={folder}"]
+            *RUN, *roots(folder)]
     assert main.main([*base, "-n", "straight", "--finetune_from", str(ckpt), "lightning.trainer.max_steps=4"]) == 0
     assert "Fine-tuning from" in caplog.text and "EMA     reset to the loaded weights" in caplog.text
     assert "Setting learning rate to 1.00e-05 (--scale_lr false" in caplog.text     # as written, not x batch
@@ -101,7 +101,7 @@ def test_finetune_sd2_v_from_an_ema_less_checkpoint_and_resume(folder, tmp_path,
     cfg, ckpt = tiny_sd("v2-finetune-v.yaml", tmp_path / "sd2", drop_ema=True)
     # the tiny stand-in for OpenCLIP is a CLIP text model, which has no "penultimate" layer option
     base = ["--base", str(SD / "v2-finetune-v.yaml"), str(cfg), "-t", "-l", str(tmp_path / "logs"), *RUN,
-            "model.params.cond_stage_config.params.layer=last", f"data.params.train.params.root={folder}"]
+            "model.params.cond_stage_config.params.layer=last", *roots(folder)]
     assert main.main([*base, "-n", "v", "--finetune_from", str(ckpt), "--finetune_ema", "load",
                       "lightning.trainer.max_steps=2"]) == 0
     assert "EMA     reset to the loaded weights (the checkpoint has no EMA weights)" in caplog.text

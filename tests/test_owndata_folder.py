@@ -45,6 +45,11 @@ COND_TINY = {"class": ["model.params.unet_config.params.context_dim=16", "model.
              "uncond": []}
 
 
+def roots(folder: Path) -> list[str]:
+    """The only data overrides a user makes: the training and validation folders."""
+    return [f"data.params.{split}.params.root={folder}" for split in ("train", "validation")]
+
+
 def make_folder(root: Path, n_per_class: int = 2) -> Path:
     """<root>/<colour>/<i>.png with a sidecar <i>.txt caption: three classes of 40x36 images."""
     rng = np.random.default_rng(0)
@@ -77,7 +82,7 @@ def stage1(own, fs: str) -> Path:
     """The README's stage-1 command (once per module): autoencoder-<fs>.yaml on the folder."""
     folder, logs, done = own
     if fs not in done:
-        done[fs] = train(f"autoencoder-{fs}.yaml", logs, f"ae-{fs}", f"data.params.train.params.root={folder}",
+        done[fs] = train(f"autoencoder-{fs}.yaml", logs, f"ae-{fs}", *roots(folder),
                          *AE_TINY)
     return done[fs]
 
@@ -85,7 +90,7 @@ def stage1(own, fs: str) -> Path:
 def stage2(own, kind: str, fs: str) -> Path:
     folder, logs, _ = own
     ae = stage1(own, fs)
-    return train(f"ldm-{kind}-{fs}.yaml", logs, f"{kind}-{fs}", f"data.params.train.params.root={folder}",
+    return train(f"ldm-{kind}-{fs}.yaml", logs, f"{kind}-{fs}", *roots(folder),
                  f"model.params.first_stage_config.params.ckpt_path={ae}/checkpoints/last.ckpt",
                  *LDM_TINY, *COND_TINY[kind])
 
@@ -150,7 +155,7 @@ def test_caption_ldm_from_scratch_offline_with_an_empty_hf_cache(own, tmp_path):
     folder, logs, _ = own
     ae = stage1(own, "vq-f4")
     tok = tmp_path / "tokenizer"
-    overrides = [*RUN, f"data.params.train.params.root={folder}",
+    overrides = [*RUN, *roots(folder),
                  f"model.params.first_stage_config.params.ckpt_path={ae}/checkpoints/last.ckpt",
                  f"model.params.cond_stage_config.params.tokenizer_path={tok}", *LDM_TINY, *COND_TINY["caption-bert"]]
     code = CAPTION_FLOW.format(root=str(ROOT), folder=str(folder), tok=str(tok), logs=str(tmp_path / "logs"),
@@ -173,7 +178,7 @@ def test_missing_pretrained_parts_fail_when_the_model_is_built(own, tmp_path, mo
     monkeypatch.delenv("LDM_RANDOM_HUB_WEIGHTS", raising=False)
     folder, _, _ = own
     ae = stage1(own, "kl-f8")
-    common = [*RUN, f"data.params.train.params.root={tmp_path / 'not-read'}",   # a missing folder: never reached
+    common = [*RUN, *roots(tmp_path / "not-read"),   # a missing folder: never reached
               f"model.params.first_stage_config.params.ckpt_path={ae}/checkpoints/last.ckpt", *LDM_TINY,
               "model.params.unet_config.params.context_dim=16"]
     with pytest.raises(HubWeightsMissing, match=r"train_tokenizer\.py.*|tokenizer_path"):
