@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"no `{section}` section in {', '.join(list(run.resumed_configs) + opt.base) or 'no config'}")
 
     model = training.instantiate_in(sources["model"], config.model)
-    finetune.apply(model, opt)  # --finetune_from: weights of another run / a released checkpoint
+    finetune.apply(model, opt, run.logdir)  # --finetune_from: weights of another run / a released checkpoint
     trainer, cfg_resume = build_trainer(opt, run, now, config, lightning_config, sources, model)
     data = training.instantiate_in(sources["data"], config.data)
     with config_source(sources["data"]):

@@ -77,6 +77,7 @@ def test_finetune_sd1_resume_exactly_then_txt2img_and_img2img(folder, tmp_path, 
     caplog.clear()
     assert main.main(["-r", str(split), "-t", "-l", str(tmp_path / "logs"), *RUN[:2], "lightning.trainer.max_steps=4"]) == 0
     assert "Fine-tuning from" not in caplog.text             # -r restores the run, the file is not read again
+    assert "Setting learning rate to 1.00e-05 (--scale_lr false" in caplog.text     # kept (split/finetune.yaml)
     resumed = last(split)
     assert resumed["global_step"] == 4
     for k, v in sd.items():

@@ -13,12 +13,14 @@
 * learning rate: `base_learning_rate` is used as is unless `--scale_lr true` is given explicitly.
 
 A summary of what was loaded and what was ignored is printed. Resuming such a run with `-r`
-restores its own last.ckpt and does not read the file again.
+restores its own last.ckpt and does not read the file again; <logdir>/finetune.yaml
+records where it started and whether its learning rate was scaled, which -r keeps.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,17 +94,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(scale_lr=None)
 
 
-def apply(model: torch.nn.Module, opt: argparse.Namespace) -> Optional[dict[str, Any]]:
+RECORD = "finetune.yaml"   # in <logdir>/ (not configs/, whose YAMLs -r merges): how the run started
+
+
+def resumed_logdir(resume: str) -> Path:
+    """The log folder of a -r argument (the folder itself, or a checkpoint inside its checkpoints/)."""
+    r = Path(resume)
+    if r.is_file():
+        r = r.parent.parent if r.parent.name == "checkpoints" else r.parent
+    return r
+
+
+def apply(model: torch.nn.Module, opt: argparse.Namespace, logdir: Optional[str] = None) -> Optional[dict[str, Any]]:
     """main.py's hook, right after the model is built: with --finetune_from (and not resuming)
-    load the weights. Resolves --scale_lr: as given, else off when fine-tuning and on otherwise
-    (the original's rule)."""
+    load the weights and record the run's settings in <logdir>/finetune.yaml. Resolves
+    --scale_lr when not given: off when fine-tuning (also when resuming a fine-tuning run), on
+    otherwise (the original's rule)."""
+    from omegaconf import OmegaConf
     path = getattr(opt, "finetune_from", None)
-    finetuning = bool(path) and not opt.resume
+    record = resumed_logdir(opt.resume) / RECORD if opt.resume else None
+    resumed = OmegaConf.load(record) if record is not None and record.is_file() else None
     if getattr(opt, "scale_lr", True) is None:
-        opt.scale_lr = not finetuning
-        if finetuning:
-            rank_zero_info("Fine-tuning: base_learning_rate is the learning rate (pass --scale_lr true to scale it "
-                           "by batch size x devices x accumulation)")
+        if resumed is not None:
+            opt.scale_lr = bool(resumed.scale_lr)
+        else:
+            opt.scale_lr = not (path and not opt.resume)
+            if not opt.scale_lr:
+                rank_zero_info("Fine-tuning: base_learning_rate is the learning rate (pass --scale_lr true to "
+                               "scale it by batch size x devices x accumulation)")
     if not path:
         return None
     if opt.resume:
@@ -111,4 +130,9 @@ def apply(model: torch.nn.Module, opt: argparse.Namespace) -> Optional[dict[str,
     if not Path(path).is_file():
         from ldm.checkpoint import CheckpointNotFoundError
         raise CheckpointNotFoundError(f"--finetune_from: checkpoint not found: '{path}'")
-    return init_from_checkpoint(model, path, getattr(opt, "finetune_ema", "reset"))
+    summary = init_from_checkpoint(model, path, getattr(opt, "finetune_ema", "reset"))
+    if logdir is not None:
+        os.makedirs(logdir, exist_ok=True)
+        OmegaConf.save({"finetune_from": str(path), "finetune_ema": getattr(opt, "finetune_ema", "reset"),
+                        "scale_lr": bool(opt.scale_lr)}, os.path.join(logdir, RECORD))
+    return summary
