@@ -64,12 +64,14 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, ema: str = "reset", 
         how = "reset to the loaded weights" + (" (the checkpoint has no EMA weights)" if ema == "load" else "")
         dropped_ema = file_ema
         sd = ema_from_weights(sd, ema_module, model.model)
-    # entries the model has no place for are reported, not loaded (model_ema.* handled above)
-    unexpected = sorted(k for k in sd if k not in own and not k.startswith(EMA_PREFIX))
-    for k in unexpected:
-        sd.pop(k)
-    report = load_into(model, sd, strict=True, source=f"--finetune_from '{path}'")
-    loaded = [k for k in sd if k in own and not k.startswith(EMA_PREFIX)]
+    # load_into adapts released key layouts and the known-benign differences; what the model
+    # has no place for is reported and left out, a weight the file lacks is an error
+    report = load_into(model, sd, strict=False, source=f"--finetune_from '{path}'")
+    if report.missing:
+        from ldm.checkpoint import CheckpointError
+        raise CheckpointError(f"--finetune_from '{path}' lacks weights of {type(model).__name__}:\n{report}")
+    unexpected = sorted(k for k in report.unexpected if not k.startswith(EMA_PREFIX))
+    loaded = [k for k in own if not k.startswith(EMA_PREFIX)]
     benign = sorted(k for keys in report.benign.values() for k in keys)
     ignored = sorted(set(dropped_ema) | set(unexpected))
     lines = [f"Fine-tuning from {path}:",
