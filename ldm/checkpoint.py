@@ -4,8 +4,11 @@
   `.ckpt` / `.pt` / `.pth`, read with `torch.load(weights_only=True)`; a file that pickles
   other objects is refused with a clear message unless `unsafe_pickle=True` (trusted files only).
 - `load_into(model, state_dict)`: strict loading with a readable report (missing / unexpected
-  keys grouped by prefix, shape mismatches naming both shapes); only the small table
-  `BENIGN_KEYS` of known, harmless differences is dropped, with an info log.
+  keys grouped by prefix, shape mismatches naming both shapes). Before the comparison, the
+  small table `RELEASED_LAYOUTS` renames keys of the layouts released files really have
+  (one log line with counts); only the small table `BENIGN_KEYS` of known, harmless
+  differences is dropped, with an info log. `adapt_released_layout` does both for callers
+  that load by other means (Lightning's resume, `on_load_checkpoint`).
 - `load_model_from_config(config, ckpt)`: instantiate + load (+ EMA weights, dtype, device).
 - `save_safetensors(model_or_state_dict, path)`.
 """
@@ -64,8 +67,49 @@ class Benign:
         return not self.model_lacks_group or not any(k.startswith(group) for k in model_keys)
 
 
+@dataclass(frozen=True)
+class Rename:
+    """A key layout that released files have and our model names differently."""
+    pattern: str     # regex searched in a checkpoint key the model does not have
+    repl: str        # re.sub replacement; applied only when the result is a key the model has
+    layout: str      # which files carry it, and why
+
+    def apply(self, key: str) -> Optional[str]:
+        new = re.sub(self.pattern, self.repl, key, count=1)
+        return new if new != key else None
+
+
+# Released layouts, renamed onto the model's keys before strict loading. Each rule fires only for
+# a checkpoint key the model lacks whose renamed form the model has, so the table cannot rename
+# a correct key away. (SD v2's OpenCLIP text tower and the LDM zoo's BERT/x-transformer and VQ
+# keys are stored exactly as our models name them: tests/fixtures/released_key_layouts.json.)
+RELEASED_LAYOUTS: tuple[Rename, ...] = (
+    Rename(r"(^|\.)transformer\.text_model\.", r"\1transformer.",
+           "CLIP text encoder saved with transformers < 5 (the SD v1 releases): `transformer.text_model.*`"),
+    Rename(r"(^|\.)transformer\.(?!text_model\.)", r"\1transformer.text_model.",
+           "CLIP text encoder saved with transformers >= 5 into a model built with transformers < 5"),
+)
+
+
+def rename_released_layout(own_keys: Iterable[str], sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """`sd` with `RELEASED_LAYOUTS` applied onto `own_keys`, and how many keys each layout renamed."""
+    own = set(own_keys)
+    out: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for k, v in sd.items():
+        if k not in own:
+            for rule in RELEASED_LAYOUTS:
+                new = rule.apply(k)
+                if new is not None and new in own and new not in sd:
+                    counts[rule.layout] = counts.get(rule.layout, 0) + 1
+                    k = new
+                    break
+        out[k] = v
+    return out, counts
+
+
 BENIGN_KEYS: tuple[Benign, ...] = (
-    Benign(r"(^|\.)transformer\.text_model\.embeddings\.position_ids$", "both",
+    Benign(r"(^|\.)transformer\.(text_model\.)?embeddings\.position_ids$", "both",
            "CLIP position_ids: a persistent buffer in transformers <= 4.30, non-persistent since",
            model_lacks_group=False),
     Benign(r"^model_ema\.(decay|num_updates)$", "unexpected",
@@ -238,6 +282,35 @@ def _ema_into_model(model: torch.nn.Module, sd: dict[str, Tensor]) -> None:
                               + describe_keys(absent))
 
 
+def _adapt(own: Mapping[str, Tensor], sd: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], LoadReport]:
+    """Rename released layouts, drop known-benign keys (both logged); report what still differs."""
+    sd, renamed = rename_released_layout(own, sd)
+    if renamed:
+        log.info("%s: released key layout: renamed %s", source,
+                 "; ".join(f"{n} key(s) of {layout}" for layout, n in renamed.items()))
+    report = LoadReport()
+    for side, keys in (("unexpected", [k for k in sd if k not in own]), ("missing", [k for k in own if k not in sd])):
+        for k in keys:
+            rule = next((b for b in BENIGN_KEYS if b.matches(k, side, own)), None)
+            if rule is not None:
+                report.benign.setdefault(rule.reason, []).append(k)
+                sd.pop(k, None)
+            else:
+                getattr(report, side).append(k)
+    for reason, keys in report.benign.items():
+        log.info("%s: ignoring %d known-benign key(s) (%s): %s", source, len(keys), reason,
+                 ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else ""))
+    return sd, report
+
+
+def adapt_released_layout(model: torch.nn.Module, state_dict: Mapping[str, Tensor],
+                          source: str = "checkpoint") -> dict[str, Tensor]:
+    """`state_dict` in `model`'s key layout: released layouts renamed, known-benign keys dropped.
+    What still differs is left for the caller's strict `load_state_dict` to refuse (used by the
+    Lightning modules' `on_load_checkpoint`, i.e. `main.py --resume`)."""
+    return _adapt(model.state_dict(), dict(state_dict), source)[0]
+
+
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True,
               use_ema: bool = False, source: str = "checkpoint") -> LoadReport:
     """Load `state_dict` into `model`: every key must match except `BENIGN_KEYS` (logged).
@@ -252,23 +325,12 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, Tensor], *, stric
     if use_ema and not has_ema:
         _ema_into_model(model, sd)
     own = model.state_dict()
-    report = LoadReport()
-    for side, keys in (("unexpected", [k for k in sd if k not in own]), ("missing", [k for k in own if k not in sd])):
-        for k in keys:
-            rule = next((b for b in BENIGN_KEYS if b.matches(k, side, own)), None)
-            if rule is not None:
-                report.benign.setdefault(rule.reason, []).append(k)
-                sd.pop(k, None)
-            else:
-                getattr(report, side).append(k)
+    sd, report = _adapt(own, sd, source)
     mismatched = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         raise CheckpointError(f"{source}: {len(mismatched)} shape mismatch(es) for {type(model).__name__}:\n"
                               + "\n".join(mismatched))
-    for reason, keys in report.benign.items():
-        log.info("%s: ignoring %d known-benign key(s) (%s): %s", source, len(keys), reason,
-                 ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else ""))
     if not report.ok:
         msg = f"{source} does not match {type(model).__name__}:\n{report}"
         if strict:

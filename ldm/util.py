@@ -175,3 +175,82 @@ def log_txt_as_img(wh: tuple[int, int], xc: list[str], size: int = 10) -> torch.
         arr = np.asarray(txt).transpose(2, 0, 1) / 127.5 - 1.0
         txts.append(arr)
     return torch.tensor(np.stack(txts), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers of the original public surface (retrieval scripts, SD v2 training)
+# ----------------------------------------------------------------------------------------
+def parallel_data_prefetch(func: Callable, data: Any, n_proc: int, target_data_type: str = "ndarray",
+                           cpu_intensive: bool = True, use_worker_id: bool = False) -> Any:
+    """`func` over `n_proc` contiguous chunks of `data` (a list, an array or a dict's values), in
+    processes (cpu_intensive) or threads, results concatenated in chunk order: one array
+    (target_data_type="ndarray") or one flat list ("list"). use_worker_id: func(chunk, worker_id)."""
+    import concurrent.futures as cf
+
+    import numpy as np
+    if target_data_type not in ("ndarray", "list"):
+        raise ValueError(f'target_data_type must be "ndarray" or "list", not {target_data_type!r}')
+    if isinstance(data, np.ndarray) and target_data_type == "list":
+        raise ValueError("a numpy array of data cannot be gathered as a list")
+    if isinstance(data, Mapping):
+        data = list(data.values())
+    if target_data_type == "ndarray":
+        data = np.asarray(data)
+        chunks = np.array_split(data, n_proc)
+    else:
+        data = list(data)
+        step = -(-len(data) // n_proc)
+        chunks = [data[i:i + step] for i in range(0, len(data), step)] if data else [[]]
+    pool_cls = cf.ProcessPoolExecutor if cpu_intensive else cf.ThreadPoolExecutor
+    with pool_cls(max_workers=max(1, min(n_proc, len(chunks)))) as pool:
+        futures = [pool.submit(func, c, i) if use_worker_id else pool.submit(func, c) for i, c in enumerate(chunks)]
+        results = [f.result() for f in futures]   # a worker's exception surfaces here, naming the cause
+    if target_data_type == "ndarray":
+        return np.concatenate([np.asarray(r) for r in results], axis=0)
+    return [x for r in results for x in r]
+
+
+def autocast(f: Callable) -> Callable:
+    """Decorator (SD v2): run `f` under CUDA autocast with the current autocast dtype; a no-op
+    without CUDA."""
+    import functools
+
+    @functools.wraps(f)
+    def do_autocast(*args: Any, **kwargs: Any) -> Any:
+        if not torch.cuda.is_available():
+            return f(*args, **kwargs)
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                            cache_enabled=torch.is_autocast_cache_enabled()):
+            return f(*args, **kwargs)
+    return do_autocast
+
+
+class AdamWwithEMAandWings(torch.optim.AdamW):
+    """AdamW that also keeps an EMA of each parameter in its state (`param_exp_avg`), with decay
+    min(ema_decay, 1 - step ** -ema_power) (SD v2's optimizer; `param_names` for logging only)."""
+
+    def __init__(self, params: Any, lr: float = 1.0e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1.0e-8, weight_decay: float = 1.0e-2, amsgrad: bool = False,
+                 ema_decay: float = 0.9999, ema_power: float = 1.0, param_names: tuple = ()):
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"Invalid ema_decay value: {ema_decay}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        for group in self.param_groups:
+            group.setdefault("ema_decay", ema_decay)
+            group.setdefault("ema_power", ema_power)
+            group.setdefault("param_names", param_names)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                step = float(state["step"])
+                decay = min(group["ema_decay"], 1.0 - step ** -group["ema_power"])
+                if "param_exp_avg" not in state:
+                    state["param_exp_avg"] = p.detach().float().clone()
+                state["param_exp_avg"].mul_(decay).add_(p.float(), alpha=1.0 - decay)
+        return loss

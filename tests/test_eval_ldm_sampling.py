@@ -8,18 +8,14 @@ import torch
 from PIL import Image
 
 from conftest import reference_or_skip
+from ldm.checkpoint import load_model_from_config
 
 
 @pytest.fixture(scope="module")
 def tiny_ldm():
     ref = reference_or_skip()
     mdir = ref / "golden" / "_models" / "ldm_crossattn"
-    try:
-        from ldm.checkpoint import load_model_from_config
-        model = load_model_from_config(str(mdir / "config.yaml"), str(mdir / "weights.safetensors"))
-    except ImportError as e:  # another engineer's module not there yet
-        pytest.skip(f"model code not available: {e}")
-    return model
+    return load_model_from_config(str(mdir / "config.yaml"), str(mdir / "weights.safetensors"))
 
 
 def test_ldm_ddim_guided_eta1_resume_equals_uninterrupted(tiny_ldm, tmp_path):

@@ -21,19 +21,31 @@ def test_benchmark_counts_unet_calls(tiny, capsys):
 
 
 def test_unbatched_guidance_gives_the_batched_result(tiny):
+    """The claim: per guided step, two network calls (uncond, cond) give what the one batched call
+    gives. Compared step by step on the inputs a guided DDIM run really feeds the network, at 32x32
+    latents: at 8x8 the tiny UNet reaches 1x1 maps, where GroupNorm over one pixel amplifies
+    batch-size dependent rounding, and the difference compounds through the trajectory."""
     bench = script("benchmark_sampling")
     from ldm import scripting as S
     model = S.load_model(*tiny("configs/ldm/cin256.yaml"), "cpu")
+    seen = []
+
+    class Recording(bench.UnbatchedGuidance):
+        def apply_model(self, x, t, cond, **kwargs):
+            seen.append((x, t, cond))
+            return self._model.apply_model(x, t, cond, **kwargs)
+
     with torch.no_grad():
         c, uc, kind = bench.conditioning(model, 2, torch.device("cpu"))
-        runs = [S.sample(m, "ddim", 2, (3, 8, 8), 2, c, uc, 3.0, generator=torch.Generator().manual_seed(0),
-                         progress=False) for m in (model, bench.UnbatchedGuidance(model))]
-        x, t = torch.randn(4, 3, 8, 8), torch.tensor([5, 700, 5, 700])
-        one_call = model.apply_model(x, t, torch.cat([uc, c]))
-        two_calls = bench.UnbatchedGuidance(model).apply_model(x, t, torch.cat([uc, c]))
-    assert kind == "class" and torch.allclose(one_call, two_calls, atol=1e-4)
-    # the same samples up to float reassociation (batch-size dependent kernels), amplified by the guidance
-    assert (runs[0] - runs[1]).abs().max() <= 1e-3 * runs[0].abs().max()
+        S.sample(Recording(model), "ddim", 3, (3, 32, 32), 2, c, uc, 3.0,
+                 generator=torch.Generator().manual_seed(0), progress=False)
+        diffs = []
+        for x, t, cond in seen:
+            one_call = model.apply_model(x, t, cond)
+            two_calls = bench.UnbatchedGuidance(model).apply_model(x, t, cond)
+            diffs.append(((one_call - two_calls).abs().max() / one_call.abs().max()).item())
+    assert kind == "class" and len(seen) == 3 and all(x.shape[0] == 4 for x, _, _ in seen)
+    assert max(diffs) <= 1e-5, diffs
 
 
 def test_unconditional_model_has_no_guided_runs(tiny, capsys):

@@ -242,3 +242,61 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------------
+# Smaller pieces of the original module (public names user code imports)
+# ----------------------------------------------------------------------------------------
+def uniq(arr: Sequence) -> Any:
+    """The distinct elements of `arr`, in order (dict keys view)."""
+    return {el: True for el in arr}.keys()
+
+
+def max_neg_value(t: torch.Tensor) -> float:
+    """The most negative finite value of `t`'s dtype (for masking logits)."""
+    return -torch.finfo(t.dtype).max
+
+
+def init_(tensor: torch.Tensor) -> torch.Tensor:
+    """Uniform init in +-1/sqrt(last dim), in place."""
+    std = 1 / tensor.shape[-1] ** 0.5
+    return tensor.uniform_(-std, std)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention over the pixels of a feature map: softmax over keys' positions, context =
+    k v^T per head, out = context^T q (O(HW) memory)."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        self.heads = heads
+        hidden = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, 3, self.heads, -1, h * w).unbind(1)   # (B, heads, c, HW)
+        context = torch.einsum("bhdn,bhen->bhde", k.softmax(dim=-1), v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.to_out(out.reshape(b, -1, h, w))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, residual (1x1-conv q/k/v/out)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = Normalize(in_channels)
+        self.q = nn.Conv2d(in_channels, in_channels, 1)
+        self.k = nn.Conv2d(in_channels, in_channels, 1)
+        self.v = nn.Conv2d(in_channels, in_channels, 1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_ = self.norm(x)
+        b, c, h, w = x.shape
+        q, k, v = (f(h_).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        out = attention(q, k, v, c ** -0.5)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)

@@ -182,3 +182,126 @@ class TransformerWrapper(nn.Module):
         x = self.project_emb(self.emb_dropout(x))
         x = self.norm(self.attn_layers(x, mask=mask, **kwargs))
         return x if return_embeddings else self.to_logits(x)
+
+
+# ----------------------------------------------------------------------------------------
+# The rest of the original module's public pieces (helpers and alternative layers)
+# ----------------------------------------------------------------------------------------
+from functools import partial  # noqa: E402
+
+from ldm.modules.attention import GEGLU, max_neg_value  # noqa: E402,F401  (original names)
+
+
+def always(val: Any) -> Any:
+    return lambda *args, **kwargs: val
+
+
+def equals(val: Any) -> Any:
+    return lambda x: x == val
+
+
+def not_equals(val: Any) -> Any:
+    return lambda x: x != val
+
+
+def pick_and_pop(keys: list[str], d: dict) -> dict:
+    return {key: d.pop(key) for key in keys}
+
+
+def group_dict_by_key(cond: Any, d: dict) -> tuple[dict, dict]:
+    """(entries whose key satisfies `cond`, the others)."""
+    match, rest = {}, {}
+    for key, value in d.items():
+        (match if cond(key) else rest)[key] = value
+    return match, rest
+
+
+def string_begins_with(prefix: str, string: str) -> bool:
+    return string.startswith(prefix)
+
+
+def group_by_key_prefix(prefix: str, d: dict) -> tuple[dict, dict]:
+    return group_dict_by_key(partial(string_begins_with, prefix), d)
+
+
+def groupby_prefix_and_trim(prefix: str, d: dict) -> tuple[dict, dict]:
+    """(entries with `prefix`, the prefix removed from their keys; the other entries)."""
+    with_prefix, rest = group_dict_by_key(partial(string_begins_with, prefix), d)
+    return {k[len(prefix):]: v for k, v in with_prefix.items()}, rest
+
+
+class FixedPositionalEmbedding(nn.Module):
+    """Sinusoidal positions (1, N, dim): [sin | cos] of position x inverse frequencies."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, x: torch.Tensor, seq_dim: int = 1, offset: int = 0) -> torch.Tensor:
+        t = torch.arange(x.shape[seq_dim], device=x.device).type_as(self.inv_freq) + offset
+        sinusoid = torch.outer(t, self.inv_freq)
+        return torch.cat((sinusoid.sin(), sinusoid.cos()), dim=-1)[None]
+
+
+class Scale(nn.Module):
+    """fn's first output times a constant."""
+
+    def __init__(self, value: float, fn: nn.Module):
+        super().__init__()
+        self.value, self.fn = value, fn
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        x, *rest = self.fn(x, **kwargs)
+        return (x * self.value, *rest)
+
+
+class Rezero(nn.Module):
+    """fn's first output times a learned scalar that starts at 0 (ReZero)."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.g = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        x, *rest = self.fn(x, **kwargs)
+        return (x * self.g, *rest)
+
+
+class ScaleNorm(nn.Module):
+    """x / ||x|| * sqrt(dim) * g, one learned scalar g."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.scale, self.eps = dim ** -0.5, eps
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=self.eps) * self.g
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g, a learned gain per feature."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.scale, self.eps = dim ** -0.5, eps
+        self.g = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=self.eps) * self.g
+
+
+class GRUGating(nn.Module):
+    """Residual connection through a GRU cell (gated residual) instead of a sum."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gru = nn.GRUCell(dim, dim)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        return self.gru(x.reshape(-1, d), residual.reshape(-1, d)).reshape_as(x)

@@ -284,6 +284,11 @@ class DDPM(pl.LightningModule):
         """Hook: adapt a checkpoint's state dict before loading (fine-tunes extend input channels)."""
         return sd
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning resume (main.py -r): released key layouts load as with `ckpt_path`."""
+        from ldm.checkpoint import adapt_released_layout
+        checkpoint["state_dict"] = adapt_released_layout(self, checkpoint["state_dict"], source="resumed checkpoint")
+
     # ------------------------------------------------------------------ forward process (LDM §3, DDPM Eq. 4-7)
     def q_mean_variance(self, x_start, t):
         return obj.q_mean_variance(self, x_start, t)

@@ -33,6 +33,12 @@ _SPATIAL_COND_KEYS = ("image", "LR_image", "segmentation", "bbox_img")   # tiled
 class LatentDiffusion(LatentSamplingMixin, DDPM):
     """main class"""
 
+    # User code sets, reads and deletes this like a plain attribute (the original's super-resolution
+    # notebook runs `delattr(model, "split_input_params")` between images): deleting = no tiling.
+    split_input_params = property(lambda self: self.__dict__.get("_split_input_params"),
+                                  lambda self, value: self.__dict__.__setitem__("_split_input_params", value),
+                                  lambda self: self.__dict__.pop("_split_input_params", None))
+
     def __init__(self,
                  first_stage_config: Mapping[str, Any],
                  cond_stage_config: Any,

@@ -170,3 +170,27 @@ class HybridConditioner(nn.Module):
     def forward(self, c_concat: Any, c_crossattn: Any) -> dict[str, list[torch.Tensor]]:
         return {"c_concat": [self.concat_conditioner(c_concat)],
                 "c_crossattn": [self.crossattn_conditioner(c_crossattn)]}
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """The original's activation-checkpointing Function: forward without storing activations,
+    recompute them in backward. `args` = `length` inputs, then the parameters to differentiate.
+    (`checkpoint` above uses torch.utils.checkpoint; this stays for code that calls it directly.)"""
+
+    @staticmethod
+    def forward(ctx: Any, run_function: Callable, length: int, *args: Any) -> Any:
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *output_grads: torch.Tensor) -> tuple:
+        inputs = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
+        with torch.enable_grad():
+            # views, so that in-place ops inside run_function do not modify the detached leaves
+            outputs = ctx.run_function(*[x.view_as(x) for x in inputs])
+        grads = torch.autograd.grad(outputs, inputs + ctx.input_params, output_grads, allow_unused=True)
+        del ctx.input_tensors, ctx.input_params
+        return (None, None) + tuple(grads)
