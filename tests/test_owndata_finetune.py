@@ -3,9 +3,9 @@ v2-finetune-v.yaml) on a captioned folder: `main.py --finetune_from <ckpt>` load
 strictly with a summary, the EMA restarts at them (or is loaded), the learning rate is used as
 written; `-r` resumes the run exactly; txt2img.py and img2img.py sample the result.
 
-The checkpoints are tiny random-weight models in our own key layout (scripts/make_tiny_checkpoint.py);
-once the released-layout loading of ldm/checkpoint.py is merged, the same runs should also be
-made from a tiny checkpoint converted to the released layout."""
+The checkpoints are tiny random-weight models (scripts/make_tiny_checkpoint.py) written in the
+key layout of the released files: SD v1's CLIP under transformers-4 names (`transformer.text_model.*`,
+`embeddings.position_ids`) with the LitEma counters, SD 2's *-ema-pruned files without `model_ema.*`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,15 +30,26 @@ RUN = ["lightning.trainer.limit_val_batches=0", "lightning.trainer.num_sanity_va
        "data.params.train.params.size=64", "data.params.validation.params.size=64"]
 
 
-def tiny_sd(config: str, out: Path, drop_ema: bool = False) -> tuple[Path, Path]:
+CLIP = "cond_stage_model.transformer."
+
+
+def tiny_sd(config: str, out: Path, drop_ema: bool = False, released_clip: bool = False) -> tuple[Path, Path]:
     """(tiny model config, checkpoint) of a fine-tune config; drop_ema: the file holds no
-    model_ema.* (as the released *-ema-pruned files)."""
+    model_ema.* (as the released *-ema-pruned files); released_clip: the CLIP text encoder under
+    the transformers-4 names of the SD v1 files (+ position_ids)."""
     ckpt = out / "model.ckpt"
     cfg = script("make_tiny_checkpoint").main([str(SD / config), "--tiny", "--out", str(ckpt)])
+    data = torch.load(ckpt, weights_only=True)
+    sd = data["state_dict"]
     if drop_ema:
-        data = torch.load(ckpt, weights_only=True)
-        data["state_dict"] = {k: v for k, v in data["state_dict"].items() if not k.startswith("model_ema.")}
-        torch.save(data, ckpt)
+        sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+    if released_clip:
+        sd = {(CLIP + "text_model." + k[len(CLIP):] if k.startswith(CLIP) and not k.startswith(CLIP + "text_model.")
+               else k): v for k, v in sd.items()}
+        sd[CLIP + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        assert not any(k.startswith(CLIP) and not k.startswith(CLIP + "text_model.") for k in sd)
+    data["state_dict"] = sd
+    torch.save(data, ckpt)
     return cfg, ckpt
 
 
@@ -55,7 +66,7 @@ def folder(tmp_path_factory):
 def test_finetune_sd1_resume_exactly_then_txt2img_and_img2img(folder, tmp_path, monkeypatch, caplog):
     import main
     monkeypatch.chdir(ROOT)
-    cfg, ckpt = tiny_sd("v1-finetune.yaml", tmp_path / "sd1")
+    cfg, ckpt = tiny_sd("v1-finetune.yaml", tmp_path / "sd1", released_clip=True)
     base = ["--base", str(SD / "v1-finetune.yaml"), str(cfg), "-t", "-l", str(tmp_path / "logs"),
             *RUN, *roots(folder)]
     assert main.main([*base, "-n", "straight", "--finetune_from", str(ckpt), "lightning.trainer.max_steps=4"]) == 0
@@ -64,9 +75,11 @@ def test_finetune_sd1_resume_exactly_then_txt2img_and_img2img(folder, tmp_path, 
     straight = next((tmp_path / "logs").glob("*_straight"))
     released = torch.load(ckpt, weights_only=True)["state_dict"]
     sd = last(straight)["state_dict"]
-    clip_norm = next(k for k in sd if k.startswith("cond_stage_model.") and k.endswith("final_layer_norm.weight"))
-    for k in ("first_stage_model.decoder.conv_out.weight", clip_norm):     # frozen parts: the file's weights
-        assert torch.equal(sd[k], released[k]), k
+    clip_norm = next(k for k in sd if k.startswith(CLIP) and k.endswith("final_layer_norm.weight"))
+    released_norm = CLIP + "text_model." + clip_norm[len(CLIP):].removeprefix("text_model.")
+    assert torch.equal(sd[clip_norm], released[released_norm])             # frozen parts: the file's weights
+    k = "first_stage_model.decoder.conv_out.weight"
+    assert torch.equal(sd[k], released[k])
     unet = "model.diffusion_model.out.2.weight"
     assert not torch.equal(sd[unet], released[unet])                            # trained
     assert last(straight)["global_step"] == 4
