@@ -19,7 +19,7 @@ import argparse
 import datetime
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,8 +43,9 @@ def class_list(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", help="a logdir (config + checkpoint inside) or a checkpoint in one")
-    p.add_argument("--classes", type=class_list, default=[25, 187, 448, 992],
-                   help="comma-separated class indices, e.g. 25,187,448 (ImageNet: 0..999)")
+    p.add_argument("--classes", type=class_list, default=None,
+                   help="comma-separated class indices, e.g. 25,187,448 (ImageNet: 0..999; default: 25,187,448,992, "
+                        "or with -r of a class-subfolder run every class it was trained on)")
     S.add_common_args(p, steps=20, scale=3.0, n_samples=6, outdir=None, config=None)
     return p
 
@@ -57,11 +58,23 @@ def class_count(embedder: torch.nn.Module, scale: float) -> tuple[Optional[int],
     return (n - 1 if has_null else n), has_null
 
 
+def folder_class_names(config: Any) -> Optional[list[str]]:
+    """Class names of a run trained on class subfolders (ldm.data.base.ImageFolderDataset), if its folder is here."""
+    train = ((config.get("data") or {}).get("params") or {}).get("train") or {} if isinstance(config, dict) else {}
+    params = train.get("params") or {}
+    root = Path(str(params.get("root", "")))
+    if not (str(train.get("target", "")).endswith("ImageFolderDataset") and params.get("class_subfolders")
+            and root.is_dir()):
+        return None
+    from ldm.data.base import ImageFolderDataset
+    return ImageFolderDataset(str(root), class_subfolders=True).class_names
+
+
 @S.cli
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     opt = parser().parse_args(argv)
     device = S.resolve_device(opt.device)
-    if not opt.classes:
+    if opt.classes is not None and not opt.classes:
         S.fail("--classes is empty")
     config, ckpt, logdir = opt.config, opt.ckpt, None
     if opt.resume is not None:
@@ -78,13 +91,18 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if key not in CLASS_KEYS or model.cond_stage_model is None:
         S.fail(f"'{opt.resume or config}' is not a class-conditional model (cond_stage_key '{key}')")
     n_classes, has_null = class_count(model.cond_stage_model, opt.scale)
-    bad = [c for c in opt.classes if c < 0 or (n_classes is not None and c >= n_classes)]
+    bad = [c for c in opt.classes or [] if c < 0 or (n_classes is not None and c >= n_classes)]
     if bad:
         null = f" (class {n_classes} is the null class of guidance)" if has_null else ""
         S.fail(f"class indices {bad} out of range: the model has {n_classes} classes, 0..{n_classes - 1}{null}")
     if n_classes is not None:
         print(f"The model has {n_classes} classes (0..{n_classes - 1})"
               + (f" and the null class {n_classes} for guidance" if has_null else ""))
+    names = folder_class_names(config) if opt.resume is not None else None
+    if names:
+        print(f"Trained on {len(names)} class subfolders: " + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+    if opt.classes is None:
+        opt.classes = list(range(len(names))) if names else [25, 187, 448, 992]
     shape = S.latent_shape(model, opt.H, opt.W)
     generator = S.seed_everything(opt.seed)
     outdir = Path(opt.outdir) if opt.outdir else \
