@@ -47,8 +47,8 @@ class LambdaWarmUpCosineScheduler:
             t = (n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps)
             t = min(t, 1.0)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
-        self.last_lr = float(lr)
-        return lr
+        self.last_lr = float(lr)   # Python floats: numpy scalars in checkpointed state break weights_only resume
+        return self.last_lr
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)

@@ -189,3 +189,57 @@ def test_split_input_params_can_be_deleted_then_sampling_works(released_sd1):
         z = S.sample(model, "ddim", 2, (4, 8, 8), 1, c, progress=False, generator=torch.Generator().manual_seed(0))
         x = model.decode_first_stage(z)
     assert z.shape == (1, 4, 8, 8) and torch.isfinite(x).all()
+
+
+class Captions(torch.utils.data.Dataset):
+    """Random 64x64 images with captions, in SD v1's batch keys (jpg, txt)."""
+
+    def __init__(self, n: int = 4, size: int = 64):
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"jpg": torch.rand(self.size, self.size, 3, generator=g) * 2 - 1, "txt": f"a photo number {i}"}
+
+
+@pytest.mark.slow
+def test_released_layout_through_main_py_resume(tiny, tmp_path):
+    """main.py -r on a run whose last.ckpt holds the transformers-4 text encoder layout (as a run
+    made with transformers < 5 has): it resumes, and the frozen encoder keeps the file's values."""
+    import main
+    cfg_path, _ = tiny("configs/stable-diffusion/v1-inference.yaml")
+    cfg = OmegaConf.load(cfg_path)
+    cfg.model.base_learning_rate = 1.0e-5
+    cfg.data = {"target": "main.DataModuleFromConfig",
+                "params": {"batch_size": 2, "num_workers": 0,
+                           "train": {"target": "test_checkpoint_released_layouts.Captions"}}}
+    cfg.lightning = {"trainer": {"max_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                                 "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1},
+                     "callbacks": {"image_logger": {"target": "main.ImageLogger", "params": {"disabled": True,
+                                                                                             "batch_frequency": 1000}}}}
+    path = tmp_path / "sd1-tiny-train.yaml"
+    OmegaConf.save(cfg, path)
+    logs = tmp_path / "logs"
+    assert main.main(["-b", str(path), "-t", "-l", str(logs), "-n", "sd1"]) == 0
+    run = next(logs.glob("*_sd1"))
+    ckpt_file = run / "checkpoints" / "last.ckpt"
+    ckpt = C.read_checkpoint(ckpt_file)
+    g = torch.Generator().manual_seed(5)
+    released, injected = {}, {}
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith("cond_stage_model.transformer."):
+            new = torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+            released[k.replace("cond_stage_model.transformer.", TEXT_V1)] = injected[k] = new
+        else:
+            released[k] = v
+    released[TEXT_V1 + "embeddings.position_ids"] = torch.arange(77)[None]
+    released["model_ema.decay"], released["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(7)
+    ckpt["state_dict"] = released
+    torch.save(ckpt, ckpt_file)
+    assert main.main(["-r", str(run), "-t", "lightning.trainer.max_steps=2"]) == 0
+    resumed = C.read_checkpoint(ckpt_file)
+    assert resumed["global_step"] == 2
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in injected.items())

@@ -40,6 +40,7 @@ ORIGINAL = {
     "stable-diffusion/x4-upscaling.yaml": SD2 + "configs_stable-diffusion_x4-upscaling.json",
     "quickstart/autoencoder_kl_digits.yaml": None,
     "quickstart/ldm_digits.yaml": None,
+    "classifier/digits_noisy_latent_classifier.yaml": None,   # the original ships no classifier config
     "eval/presets.yaml": None,              # evaluation protocols, no model
     # fine-tuning: the inference architectures plus EMA (released full checkpoints hold model_ema.* too)
     "stable-diffusion/v1-finetune.yaml": None,

@@ -307,3 +307,332 @@ class Decoder(_Stack):
             return h
         h = self.conv_out(nonlinearity(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
+
+
+# ========================================================================================
+# The rest of the original module's public classes (appended; the autoencoders above do not
+# use them): the DDPM pixel-space UNet `Model`, small decoders and the latent rescalers of
+# the original's experiments, `FirstStagePostProcessor` (a pretrained first stage + projection).
+# ========================================================================================
+import math  # noqa: E402
+
+from ldm.util import instantiate_from_config  # noqa: E402
+
+
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """DDPM's sinusoidal embedding (B,) -> (B, embedding_dim): [sin | cos] with frequencies
+    10000^(-i / (half - 1)) (note: half - 1, unlike openaimodel's timestep_embedding)."""
+    assert timesteps.dim() == 1
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device) * -(math.log(10000) / (half - 1)))
+    emb = timesteps.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return F.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 == 1 else emb
+
+
+class Model(nn.Module):
+    """The DDPM (Ho et al. 2020) pixel-space UNet: ResnetBlocks with timestep embedding, attention
+    at `attn_resolutions`, skip connections; input (B, in_channels, H, W), optional `context`
+    concatenated on channels."""
+
+    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
+                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+                 in_channels: int, resolution: int, use_timestep: bool = True, use_linear_attn: bool = False,
+                 attn_type: str = "vanilla"):
+        # keys as Encoder/Decoder; use_timestep: embed t (False: an unconditional network)
+        super().__init__()
+        if use_linear_attn:
+            attn_type = "linear"
+        self.ch, self.temb_ch = ch, ch * 4
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.resolution, self.in_channels, self.use_timestep = resolution, in_channels, use_timestep
+        if use_timestep:
+            self.temb = nn.Module()
+            self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        res_block = lambda i, o: ResnetBlock(in_channels=i, out_channels=o, temb_channels=self.temb_ch,  # noqa: E731
+                                             dropout=dropout)
+        curr_res, in_ch_mult = resolution, (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(res_block(block_in, block_out))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    down.attn.append(make_attn(block_in, attn_type))
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res //= 2
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = res_block(block_in, block_in)
+        self.mid.attn_1 = make_attn(block_in, attn_type)
+        self.mid.block_2 = res_block(block_in, block_in)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = skip_in = ch * ch_mult[i_level]
+            for i_block in range(num_res_blocks + 1):
+                if i_block == num_res_blocks:
+                    skip_in = ch * in_ch_mult[i_level]
+                up.block.append(res_block(block_in + skip_in, block_out))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    up.attn.append(make_attn(block_in, attn_type))
+            if i_level != 0:
+                up.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            self.up.insert(0, up)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor, t: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if context is not None:
+            x = torch.cat((x, context), dim=1)
+        temb = None
+        if self.use_timestep:
+            assert t is not None
+            temb = self.temb.dense[1](nonlinearity(self.temb.dense[0](get_timestep_embedding(t, self.ch))))
+        hs = [self.conv_in(x)]
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](hs[-1], temb)
+                hs.append(down.attn[i_block](h) if len(down.attn) > 0 else h)
+            if i_level != self.num_resolutions - 1:
+                hs.append(down.downsample(hs[-1]))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](torch.cat([h, hs.pop()], dim=1), temb)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+    def get_last_layer(self) -> torch.Tensor:
+        return self.conv_out.weight
+
+
+class SimpleDecoder(nn.Module):
+    """1x1 conv, three ResnetBlocks (x2, x4, x2 width), 1x1 conv, 2x upsampling, output conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, *args, **kwargs):
+        super().__init__()
+        c = in_channels
+        self.model = nn.ModuleList([
+            nn.Conv2d(c, c, 1),
+            ResnetBlock(in_channels=c, out_channels=2 * c, temb_channels=0, dropout=0.0),
+            ResnetBlock(in_channels=2 * c, out_channels=4 * c, temb_channels=0, dropout=0.0),
+            ResnetBlock(in_channels=4 * c, out_channels=2 * c, temb_channels=0, dropout=0.0),
+            nn.Conv2d(2 * c, c, 1),
+            Upsample(c, with_conv=True)])
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.model:
+            x = layer(x, None) if isinstance(layer, ResnetBlock) else layer(x)
+        return self.conv_out(nonlinearity(self.norm_out(x)))
+
+
+class UpsampleDecoder(nn.Module):
+    """num_res_blocks + 1 ResnetBlocks per level (width ch * ch_mult[level]), 2x upsampling between levels."""
+
+    def __init__(self, in_channels: int, out_channels: int, ch: int, num_res_blocks: int, resolution: int,
+                 ch_mult: Sequence[int] = (2, 2), dropout: float = 0.0):
+        super().__init__()
+        self.temb_ch = 0
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        block_in = in_channels
+        self.res_blocks, self.upsample_blocks = nn.ModuleList(), nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            blocks = []
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=self.temb_ch,
+                                          dropout=dropout))
+                block_in = block_out
+            self.res_blocks.append(nn.ModuleList(blocks))
+            if i_level != self.num_resolutions - 1:
+                self.upsample_blocks.append(Upsample(block_in, True))
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i_level, blocks in enumerate(self.res_blocks):
+            for block in blocks:
+                h = block(h, None)
+            if i_level != self.num_resolutions - 1:
+                h = self.upsample_blocks[i_level](h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))
+
+
+class LatentRescaler(nn.Module):
+    """Resize a latent by `factor` between two stacks of `depth` ResnetBlocks and an attention block."""
+
+    def __init__(self, factor: float, in_channels: int, mid_channels: int, out_channels: int, depth: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.conv_in = nn.Conv2d(in_channels, mid_channels, kernel_size=3, stride=1, padding=1)
+        block = lambda: ResnetBlock(in_channels=mid_channels, out_channels=mid_channels, temb_channels=0,  # noqa: E731
+                                    dropout=0.0)
+        self.res_block1 = nn.ModuleList([block() for _ in range(depth)])
+        self.attn = AttnBlock(mid_channels)
+        self.res_block2 = nn.ModuleList([block() for _ in range(depth)])
+        self.conv_out = nn.Conv2d(mid_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.res_block1:
+            x = block(x, None)
+        x = F.interpolate(x, size=(int(round(x.shape[2] * self.factor)), int(round(x.shape[3] * self.factor))))
+        x = self.attn(x)
+        for block in self.res_block2:
+            x = block(x, None)
+        return self.conv_out(x)
+
+
+class MergedRescaleEncoder(nn.Module):
+    """Encoder (single z of ch * ch_mult[-1] channels) followed by a LatentRescaler to out_ch."""
+
+    def __init__(self, in_channels: int, ch: int, resolution: int, out_ch: int, num_res_blocks: int,
+                 attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+                 ch_mult: Sequence[int] = (1, 2, 4, 8), rescale_factor: float = 1.0, rescale_module_depth: int = 1):
+        super().__init__()
+        mid = ch * ch_mult[-1]
+        self.encoder = Encoder(in_channels=in_channels, num_res_blocks=num_res_blocks, ch=ch, ch_mult=ch_mult,
+                               z_channels=mid, double_z=False, resolution=resolution, attn_resolutions=attn_resolutions,
+                               dropout=dropout, resamp_with_conv=resamp_with_conv, out_ch=None)
+        self.rescaler = LatentRescaler(factor=rescale_factor, in_channels=mid, mid_channels=mid, out_channels=out_ch,
+                                       depth=rescale_module_depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rescaler(self.encoder(x))
+
+
+class MergedRescaleDecoder(nn.Module):
+    """LatentRescaler (z_channels -> z_channels * ch_mult[-1]) followed by a Decoder."""
+
+    def __init__(self, z_channels: int, out_ch: int, resolution: int, num_res_blocks: int,
+                 attn_resolutions: Sequence[int], ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8),
+                 dropout: float = 0.0, resamp_with_conv: bool = True, rescale_factor: float = 1.0,
+                 rescale_module_depth: int = 1):
+        super().__init__()
+        mid = z_channels * ch_mult[-1]
+        self.decoder = Decoder(out_ch=out_ch, z_channels=mid, attn_resolutions=attn_resolutions, dropout=dropout,
+                               resamp_with_conv=resamp_with_conv, in_channels=None, num_res_blocks=num_res_blocks,
+                               ch_mult=ch_mult, resolution=resolution, ch=ch)
+        self.rescaler = LatentRescaler(factor=rescale_factor, in_channels=z_channels, mid_channels=mid,
+                                       out_channels=mid, depth=rescale_module_depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.rescaler(x))
+
+
+class Upsampler(nn.Module):
+    """in_size -> out_size latents/images: a LatentRescaler, then a Decoder with log2(out/in) + 1 levels."""
+
+    def __init__(self, in_size: int, out_size: int, in_channels: int, out_channels: int, ch_mult: int = 2):
+        super().__init__()
+        assert out_size >= in_size
+        num_blocks = int(math.log2(out_size // in_size)) + 1
+        factor_up = 1.0 + (out_size % in_size)
+        logger.debug("Building %s with in_size %d --> out_size %d and factor %s", type(self).__name__, in_size,
+                     out_size, factor_up)
+        self.rescaler = LatentRescaler(factor=factor_up, in_channels=in_channels, mid_channels=2 * in_channels,
+                                       out_channels=in_channels)
+        self.decoder = Decoder(out_ch=out_channels, resolution=out_size, z_channels=in_channels, num_res_blocks=2,
+                               attn_resolutions=[], in_channels=None, ch=in_channels,
+                               ch_mult=[ch_mult for _ in range(num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.rescaler(x))
+
+
+class Resize(nn.Module):
+    """Fixed interpolation by `scale_factor` (learned resizing is not implemented, as the original)."""
+
+    def __init__(self, in_channels: Optional[int] = None, learned: bool = False, mode: str = "bilinear"):
+        super().__init__()
+        self.with_conv, self.mode = learned, mode
+        if self.with_conv:
+            raise NotImplementedError(f"{type(self).__name__}: learned resizing is not implemented")
+
+    def forward(self, x: torch.Tensor, scale_factor: float = 1.0) -> torch.Tensor:
+        if scale_factor == 1.0:
+            return x
+        return F.interpolate(x, mode=self.mode, align_corners=False, scale_factor=scale_factor)
+
+
+class FirstStagePostProcessor(nn.Module):
+    """A frozen pretrained first stage's latent, projected to n_channels and run through
+    ResnetBlock + 2x average-pool stages (one per entry of ch_mult); reshape: (B, HW, C) tokens."""
+
+    def __init__(self, ch_mult: Sequence[int], in_channels: int, pretrained_model: Optional[nn.Module] = None,
+                 reshape: bool = False, n_channels: Optional[int] = None, dropout: float = 0.0,
+                 pretrained_config: Optional[dict] = None):
+        super().__init__()
+        if pretrained_config is None:
+            if pretrained_model is None:
+                raise ValueError("pass pretrained_model or pretrained_config")
+            self.pretrained_model = pretrained_model
+        else:
+            self.instantiate_pretrained(pretrained_config)
+        self.do_reshape = reshape
+        n_channels = self.pretrained_model.encoder.ch if n_channels is None else n_channels
+        self.proj_norm = Normalize(in_channels, num_groups=in_channels // 2)
+        self.proj = nn.Conv2d(in_channels, n_channels, kernel_size=3, stride=1, padding=1)
+        blocks, downs, ch_in = [], [], n_channels
+        for m in ch_mult:
+            blocks.append(ResnetBlock(in_channels=ch_in, out_channels=m * n_channels, dropout=dropout))
+            ch_in = m * n_channels
+            downs.append(Downsample(ch_in, with_conv=False))
+        self.model = nn.ModuleList(blocks)
+        self.downsampler = nn.ModuleList(downs)
+
+    def instantiate_pretrained(self, config: dict) -> None:
+        self.pretrained_model = instantiate_from_config(config).eval()
+        for param in self.pretrained_model.parameters():
+            param.requires_grad = False
+
+    @torch.no_grad()
+    def encode_with_pretrained(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.pretrained_model.encode(x)
+        return c.mode() if hasattr(c, "mode") and callable(c.mode) else c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = nonlinearity(self.proj(self.proj_norm(self.encode_with_pretrained(x))))
+        for block, down in zip(self.model, self.downsampler):
+            z = down(block(z, temb=None))
+        return z.flatten(2).transpose(1, 2) if self.do_reshape else z
+
+
+class MemoryEfficientAttnBlock(AttnBlock):
+    """SD2's xformers AttnBlock: the same weights and math (AttnBlock already uses fused SDPA)."""
+
+
+def _cross_attention_wrapper() -> type:
+    from ldm.modules.attention import MemoryEfficientCrossAttention
+
+    class MemoryEfficientCrossAttentionWrapper(MemoryEfficientCrossAttention):
+        """Cross-attention over the pixels of a feature map (B, C, H, W), residual."""
+
+        def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            b, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)                         # (B, HW, C)
+            out = super().forward(tokens, context=context, mask=mask)
+            return x + out.transpose(1, 2).reshape(b, c, h, w)
+    return MemoryEfficientCrossAttentionWrapper
+
+
+MemoryEfficientCrossAttentionWrapper = _cross_attention_wrapper()

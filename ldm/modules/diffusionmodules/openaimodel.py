@@ -605,3 +605,131 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out.contiguous() if self.use_channels_last else out
+
+
+# ========================================================================================
+# The original module's encoder half of the UNet (appended): the noisy-image classifier of
+# guided diffusion / LDM's `NoisyLatentImageClassifier`, with its pooling heads.
+# ========================================================================================
+def count_flops_attn(model: nn.Module, _x: tuple, y: tuple) -> None:
+    """A counter for `thop.profile(custom_ops=...)`: the two matmuls of attention over T tokens."""
+    b, c, *spatial = y[0].shape
+    num_spatial = int(torch.tensor(spatial).prod())
+    model.total_ops += torch.DoubleTensor([2 * b * (num_spatial ** 2) * c])
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling: the mean token (plus learned positions) attends over all positions."""
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads_channels: int, output_dim: Optional[int] = None):
+        super().__init__()
+        # spacial_dim: side of the input feature map; embed_dim: its channels
+        # num_heads_channels: channels per head; output_dim: channels out (default embed_dim)
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim ** 2 + 1) / embed_dim ** 0.5)
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1)                                         # (B, C, HW)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)        # (B, C, HW + 1)
+        x = x + self.positional_embedding[None].to(x.dtype)
+        x = self.c_proj(self.attention(self.qkv_proj(x)))
+        return x[:, :, 0]
+
+
+class EncoderUNetModel(nn.Module):
+    """The UNet's input blocks and middle block with a pooling head: (x, timesteps) -> (B, out_channels)."""
+
+    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0,
+                 channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
+                 use_checkpoint: bool = False, use_fp16: bool = False, num_heads: int = 1,
+                 num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
+                 resblock_updown: bool = False, use_new_attention_order: bool = False, pool: str = "adaptive",
+                 *args: Any, **kwargs: Any):
+        super().__init__()
+        # keys as UNetModel (num_heads_upsample unused: there is no output half); extra UNet keys of a
+        # diffusion config (context_dim, use_spatial_transformer, ...) are accepted and ignored
+        # pool: "adaptive" (avg-pool + 1x1 conv), "attention" (AttentionPool2d; needs num_head_channels),
+        #   "spatial" / "spatial_v2" (MLP over the per-block spatial means)
+        self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
+        self.num_res_blocks, self.attention_resolutions = num_res_blocks, attention_resolutions
+        self.dropout, self.channel_mult, self.conv_resample = dropout, channel_mult, conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.pool = pool
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        linear(time_embed_dim, time_embed_dim))
+
+        def res(ch_in: int, ch_out: Optional[int] = None, down: bool = False) -> ResBlock:
+            return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
+                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, down=down)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, use_checkpoint=use_checkpoint, num_heads=num_heads,
+                                  num_head_channels=num_head_channels, use_new_attention_order=use_new_attention_order)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3,
+                                                                           padding=1))])
+        self._feature_size = ch = model_channels
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims,
+                                                                                  out_channels=ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                ds *= 2
+                self._feature_size += ch
+        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch), res(ch))
+        self._feature_size += ch
+        if pool == "adaptive":
+            self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                                     zero_module(conv_nd(dims, ch, out_channels, 1)), nn.Flatten())
+        elif pool == "attention":
+            assert num_head_channels != -1, "pool='attention' needs num_head_channels"
+            self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+                                     AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels))
+        elif pool == "spatial":
+            self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
+        elif pool == "spatial_v2":
+            self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), normalization(2048), nn.SiLU(),
+                                     nn.Linear(2048, out_channels))
+        else:
+            raise NotImplementedError(f"Unexpected {pool} pooling")
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def convert_to_fp16(self) -> None:
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self) -> None:
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W), (B,) -> (B, out_channels) logits."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        results, h = [], x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if self.pool.startswith("spatial"):
+                results.append(h.type(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if self.pool.startswith("spatial"):
+            results.append(h.type(x.dtype).mean(dim=(2, 3)))
+            return self.out(torch.cat(results, dim=-1))
+        return self.out(h.type(x.dtype))

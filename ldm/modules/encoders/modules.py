@@ -449,3 +449,7 @@ class CLIPEmbeddingNoiseAugmentation(ImageConcatWithNoiseAugmentation):
             raise TypeError(f"noise_level must be a tensor, got {type(noise_level).__name__}")
         z = self.unscale(self.q_sample(self.scale(x), noise_level))
         return z, self.time_embed(noise_level)
+
+
+from ldm.modules.encoders.extra import (  # noqa: E402,F401  (the original module's other encoders)
+    ClipImageEmbedder, FrozenCLIPT5Encoder, FrozenCLIPTextEmbedder, FrozenClipImageEmbedder, FrozenT5Embedder, disabled_train)
