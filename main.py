@@ -41,6 +41,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from ldm import training
+from ldm.training import finetune
 # Configs name these as main.<Name>; they live in ldm.training.
 from ldm.training import (CUDACallback, DataModuleFromConfig, ImageLogger, SetupCallback,  # noqa: F401
                           WrappedDataset, worker_init_fn)
@@ -80,6 +81,7 @@ def get_parser(**parser_kwargs: Any) -> argparse.ArgumentParser:
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                         help="scale base-lr by num_devices * batch_size * accumulate_grad_batches")
     parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. 0,1 (absent: as the config says, else CPU)")
+    finetune.add_arguments(parser)  # --finetune_from, --finetune_ema
     return parser
 
 
@@ -204,6 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _run(opt: argparse.Namespace, run: training.RunDirs, now: str, config: Any, lightning_config: Any,
          sources: dict[str, str]) -> int:
     model = training.instantiate_in(sources["model"], config.model, path="model")
+    finetune.apply(model, opt, run.logdir)  # --finetune_from: weights of another run / a released checkpoint
     trainer, cfg_resume = build_trainer(opt, run, now, config, lightning_config, sources, model)
     if opt.train and (run.ckpt or cfg_resume):
         training.check_resume_checkpoint(model, run.ckpt or cfg_resume)

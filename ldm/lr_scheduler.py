@@ -47,8 +47,8 @@ class LambdaWarmUpCosineScheduler:
             t = (n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps)
             t = min(t, 1.0)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
-        self.last_lr = lr
-        return float(lr)   # a Python float: numpy scalars in the optimizer state break weights_only resume
+        self.last_lr = float(lr)   # Python floats: numpy scalars in checkpointed state break weights_only resume
+        return self.last_lr
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -64,12 +64,13 @@ class LambdaWarmUpCosineScheduler2:
         # verbosity_interval: log the value every this many steps (0: never)
         if not (len(warm_up_steps) == len(f_min) == len(f_max) == len(f_start) == len(cycle_lengths)):
             raise ValueError("warm_up_steps, f_min, f_max, f_start and cycle_lengths need one entry per cycle")
-        self.lr_warm_up_steps = warm_up_steps
-        self.f_start = f_start
-        self.f_min = f_min
-        self.f_max = f_max
-        self.cycle_lengths = cycle_lengths
-        self.cum_cycles = np.cumsum([0] + list(self.cycle_lengths))
+        self.lr_warm_up_steps = [int(v) for v in warm_up_steps]
+        self.f_start = [float(v) for v in f_start]
+        self.f_min = [float(v) for v in f_min]
+        self.f_max = [float(v) for v in f_max]
+        self.cycle_lengths = [int(v) for v in cycle_lengths]
+        # plain Python numbers: the scheduler's __dict__ is its state in checkpoints, which load with weights_only
+        self.cum_cycles = [int(c) for c in np.cumsum([0] + list(self.cycle_lengths))]
         self.last_f = 0.
         self.verbosity_interval = verbosity_interval
 
@@ -96,8 +97,8 @@ class LambdaWarmUpCosineScheduler2:
             t = (n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle])
             t = min(t, 1.0)
             f = self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (1 + np.cos(t * np.pi))
-        self.last_f = f
-        return float(f)
+        self.last_f = float(f)
+        return self.last_f
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -115,5 +116,5 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
         else:
             f = (self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle])
                  * (self.cycle_lengths[cycle] - n) / (self.cycle_lengths[cycle]))
-        self.last_f = f
-        return float(f)
+        self.last_f = float(f)
+        return self.last_f

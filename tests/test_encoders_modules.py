@@ -92,9 +92,11 @@ def test_bert_embedder_without_tokenizer_and_lazy_tokenizer():
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 50
     assert not torch.allclose(emb(changed)[0, 0], z[0, 0])     # bidirectional encoder
-    # the tokenizer is only read at the first encode: building is offline
-    tok_emb = BERTEmbedder(n_embed=32, n_layer=1, vocab_size=30522)
-    assert tok_emb.tknz_fn._tokenizer is None
+    # with a tokenizer, its files are read when the model is built: a missing one fails there
+    with pytest.raises(HubWeightsMissing, match="tokenizer_path"):
+        BERTEmbedder(n_embed=32, n_layer=1, vocab_size=30522, tokenizer_path="/no/such/vocab")
+    with torch.device("meta"):   # meta builds (key listings) read nothing
+        assert BERTEmbedder(n_embed=32, n_layer=1, vocab_size=30522).tknz_fn._tokenizer is None
 
 
 def test_bert_tokenizer_missing_files_error_names_what_to_provide(tmp_path):

@@ -42,6 +42,14 @@ ORIGINAL = {
     "quickstart/ldm_digits.yaml": None,
     "classifier/digits_noisy_latent_classifier.yaml": None,   # the original ships no classifier config
     "eval/presets.yaml": None,              # evaluation protocols, no model
+    # fine-tuning: the inference architectures plus EMA (released full checkpoints hold model_ema.* too)
+    "stable-diffusion/v1-finetune.yaml": None,
+    "stable-diffusion/v2-finetune.yaml": None,
+    "stable-diffusion/v2-finetune-v.yaml": None,
+    # your own data (README "Train on your own images")
+    **{f"custom/autoencoder-{n}.yaml": None for n in ("kl-f4", "kl-f8", "vq-f4")},
+    **{f"custom/ldm-{c}-{f}.yaml": None for c in ("uncond", "class", "caption-bert", "caption-clip")
+       for f in ("kl-f8", "vq-f4")},
 }
 SHIPPED = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
 

@@ -91,7 +91,9 @@ def test_class_conditional(tiny, tmp_path):
     c = class_cond(cfg, ckpt, tmp_path / "c", "--classes", "26,187", "--scale", "3.0")
     assert png_bytes(c[:2]) != png_bytes(a[:2])
     assert png_bytes(c[2:]) == png_bytes(a[2:])     # class 187 got the same noise draws as before
-    with pytest.raises(SystemExit, match=r"class indices \[1001\] out of range: the model has classes 0..1000"):
-        class_cond(cfg, ckpt, tmp_path / "d", "--classes", "3,1001")
+    # the null class (1000 of cin256-v2's 1001 embeddings) is not one of the model's classes
+    with pytest.raises(SystemExit, match=r"class indices \[1000\] out of range: the model has 1000 classes, "
+                                         r"0..999 \(class 1000 is the null class of guidance\)"):
+        class_cond(cfg, ckpt, tmp_path / "d", "--classes", "3,1000")
     with pytest.raises(SystemExit, match="not a class-conditional model"):
         class_cond(*tiny(CELEBA), tmp_path / "e")

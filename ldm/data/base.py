@@ -72,8 +72,10 @@ def to_model_range(img: Image.Image) -> np.ndarray:
 
 class ImageFolderDataset(Dataset):
     """Every image under `root` (recursively), optionally labelled by its class subfolder and
-    captioned by a sidecar text file. A file that cannot be decoded is logged, counted in
-    `num_skipped` and replaced by the next readable one, so an epoch never stops on it."""
+    captioned by a sidecar text file (`caption_ext`), under the keys the model reads
+    (`image_key` / `caption_key`: "jpg" / "txt" for Stable Diffusion, as in its WebDataset shards).
+    A file that cannot be decoded is logged, counted in `num_skipped` and replaced by the next
+    readable one, so an epoch never stops on it."""
 
     def __init__(
         self,
@@ -84,6 +86,9 @@ class ImageFolderDataset(Dataset):
         class_subfolders: bool = False,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         caption_ext: Optional[str] = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        caption_dropout: float = 0.0,
     ):
         super().__init__()
         self.root = Path(root)  # folder searched recursively for images
@@ -93,6 +98,9 @@ class ImageFolderDataset(Dataset):
         self.class_subfolders = class_subfolders  # label = index of the first-level subfolder (sorted names)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.caption_ext = caption_ext  # e.g. ".txt": caption read from <image stem><caption_ext>
+        self.image_key = image_key  # item key of the image ("jpg" for SD's first_stage_key)
+        self.caption_key = caption_key  # item key of the caption ("txt" for SD's cond_stage_key)
+        self.caption_dropout = caption_dropout  # probability of an empty caption (trains classifier-free guidance)
         pattern = f"{self.root}/**/*{{{','.join(self.extensions)}}}"
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder '{self.root}' does not exist (looking for {pattern})")
@@ -129,14 +137,16 @@ class ImageFolderDataset(Dataset):
         img = resize_and_crop(load_image(path), self.size, self.random_crop)
         if self.flip_p > 0 and random.random() < self.flip_p:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        example: dict[str, Any] = {"image": to_model_range(img), "file_path_": str(path)}
+        example: dict[str, Any] = {self.image_key: to_model_range(img), "file_path_": str(path)}
         if self.class_subfolders:
             name = path.relative_to(self.root).parts[0]
             example["class_label"] = self._class_index[name]
             example["human_label"] = name
         if self.caption_ext is not None:
             cap = path.with_suffix(self.caption_ext)
-            example["caption"] = cap.read_text(encoding="utf-8").strip() if cap.exists() else ""
+            text = cap.read_text(encoding="utf-8").strip() if cap.exists() else ""
+            example[self.caption_key] = "" if self.caption_dropout > 0 and random.random() < self.caption_dropout \
+                else text
         return example
 
 

@@ -77,12 +77,18 @@ class SetupCallback(Callback):
 
 class ImageLogger(Callback):
     """Every `batch_frequency` steps (and at 1, 2, 4, ... if `increase_log_steps`), saves the grids
-    of `pl_module.log_images(batch)` to <logdir>/images/<split>/ and to TensorBoard."""
+    of `pl_module.log_images(batch)` to <logdir>/images/<split>/ and to TensorBoard.
+
+    The cost is set by `log_images_kwargs` (for LDMs: `ddim_steps`, `N`, and which rows:
+    `plot_diffusion_rows`, `plot_progressive_rows`, `plot_denoise_rows`, `inpaint`,
+    `quantize_denoised`), `batch_frequency` and `max_images`. A call that takes longer than
+    `progress_delay` seconds shows a progress bar of UNet evaluations; at the end of fit the
+    wall time of training vs image logging is printed (`time_report`)."""
 
     def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
                  rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
                  log_first_step: bool = False, log_images_kwargs: Optional[dict] = None,
-                 enable_autocast: bool = True):
+                 enable_autocast: bool = True, progress_delay: Optional[float] = 2.0):
         super().__init__()
         self.batch_freq = batch_frequency  # log every this many steps
         self.max_images = max_images  # images per grid
@@ -93,8 +99,33 @@ class ImageLogger(Callback):
         self.log_first_step = log_first_step  # also log at step 0
         self.log_images_kwargs = dict(log_images_kwargs or {})  # passed to log_images (N, ddim_steps, ...)
         self.enable_autocast = enable_autocast  # run log_images under CUDA autocast (SD 2 configs)
+        self.progress_delay = progress_delay  # seconds before a progress bar appears (None: never)
         self.log_steps = [2 ** n for n in range(int(np.log2(self.batch_freq)) + 1)] if increase_log_steps \
             else [self.batch_freq]
+        self.logging_seconds = 0.0  # wall time spent in log_images (+ saving) during this fit
+        self.logging_calls = 0
+        self.unet_evals = 0  # denoiser forward calls made by log_images during this fit
+        self._fit_start: Optional[float] = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start, self.logging_seconds, self.logging_calls, self.unet_evals = time.perf_counter(), 0.0, 0, 0
+
+    def time_report(self) -> str:
+        total = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return (f"Wall time: {total:.1f} s fit, of which {total - self.logging_seconds:.1f} s training and "
+                f"{self.logging_seconds:.1f} s image logging ({self.logging_calls} log_images calls, "
+                f"{self.unet_evals} UNet evaluations)")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_start is not None:
+            rank_zero_info(self.time_report())
+
+    def _progress(self, pl_module: pl.LightningModule, split: str) -> Any:
+        """A context showing a progress bar of denoiser evaluations once a call is slow."""
+        net = getattr(pl_module, "model", None)
+        if self.progress_delay is None or not isinstance(net, torch.nn.Module) or pl_module.global_rank != 0:
+            return nullcontext()
+        return _EvalProgress(net, f"log_images ({split}, step {pl_module.global_step})", self.progress_delay, self)
 
     @rank_zero_only
     def log_local(self, save_dir: str, split: str, images: dict, global_step: int, current_epoch: int,
@@ -128,8 +159,9 @@ class ImageLogger(Callback):
         pl_module.eval()
         autocast = torch.autocast("cuda") if self.enable_autocast and pl_module.device.type == "cuda" \
             else nullcontext()
+        start = time.perf_counter()
         try:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, self._progress(pl_module, split):
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             for m, mode in modes.items():
@@ -141,6 +173,8 @@ class ImageLogger(Callback):
         save_dir = getattr(pl_module.trainer, "logdir", None) or pl_module.logger.save_dir
         self.log_local(save_dir, split, images, pl_module.global_step, pl_module.current_epoch, batch_idx)
         self.log_tensorboard(pl_module, images, split)
+        self.logging_seconds += time.perf_counter() - start
+        self.logging_calls += 1
 
     def check_frequency(self, check_idx: int) -> bool:
         if ((check_idx % self.batch_freq) == 0 or (check_idx in self.log_steps)) and \
@@ -159,6 +193,28 @@ class ImageLogger(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.disabled and pl_module.global_step > 0 and not trainer.sanity_checking:
             self.log_img(pl_module, batch, batch_idx, split="val")
+
+
+class _EvalProgress:
+    """Counts forward calls of `net` on a tqdm bar that appears only after `delay` seconds."""
+
+    def __init__(self, net: torch.nn.Module, desc: str, delay: float, owner: Optional["ImageLogger"] = None):
+        self.net, self.desc, self.delay, self.owner = net, desc, delay, owner
+
+    def __enter__(self) -> "_EvalProgress":
+        from tqdm.auto import tqdm
+        self.bar = tqdm(desc=self.desc, unit=" UNet evals", delay=self.delay, leave=False)
+        self.handle = self.net.register_forward_hook(self._count)
+        return self
+
+    def _count(self, *_: Any) -> None:
+        self.bar.update(1)   # returns nothing: a forward hook's return value would replace the output
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        if self.owner is not None:
+            self.owner.unet_evals += self.bar.n
+        self.bar.close()
 
 
 class CUDACallback(Callback):

@@ -10,6 +10,7 @@ config builds offline.
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -109,8 +110,10 @@ class TransformerEmbedder(AbstractEncoder):
 
 
 class BERTTokenizer(AbstractEncoder):
-    """Text -> (B, max_length) BERT (bert-base-uncased) token ids; the tokenizer files are
-    read at the first call from `version` (a local directory or a cached hub id)."""
+    """Text -> (B, max_length) BERT WordPiece token ids (bert-base-uncased, or a vocabulary of
+    your own from scripts/train_tokenizer.py). `version` is a folder holding vocab.txt or
+    tokenizer.json, such a file itself, or a hub id already in the local Hugging Face cache;
+    the files are read at the first call (`check()` reads them at once)."""
 
     def __init__(self, device: Optional[str] = None, vq_interface: bool = True, max_length: int = 77,
                  version: str = "bert-base-uncased"):
@@ -118,7 +121,7 @@ class BERTTokenizer(AbstractEncoder):
         # device: where token ids are put (default: CPU, LatentDiffusion moves them)
         # vq_interface: encode() returns (None, None, [None, None, tokens]) like a VQ model
         # max_length: padded / truncated sequence length
-        # version: tokenizer directory, or a hub id already in the local Hugging Face cache
+        # version: tokenizer folder / vocab.txt / tokenizer.json, or a hub id in the local HF cache
         self.device = device
         self.vq_interface = vq_interface
         self.max_length = max_length
@@ -128,13 +131,12 @@ class BERTTokenizer(AbstractEncoder):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-            self._tokenizer = local_tokenizer(BertTokenizerFast, self.version, min_vocab=1000)
-            if self._tokenizer is None:
-                raise missing(f"BERT tokenizer '{self.version}'",
-                               "pass `version:` a directory holding vocab.txt (or tokenizer.json), or populate "
-                               "the Hugging Face cache (HF_HOME) with bert-base-uncased", weights=False)
+            self._tokenizer = bert_tokenizer(self.version)
         return self._tokenizer
+
+    def check(self) -> int:
+        """Read the tokenizer files now (a missing one raises HubWeightsMissing); returns the vocabulary size."""
+        return len(self.tokenizer)
 
     def forward(self, text: Text) -> torch.Tensor:
         enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_length=True,
@@ -153,19 +155,49 @@ class BERTTokenizer(AbstractEncoder):
         return text
 
 
+def bert_tokenizer(version: str) -> Any:
+    """BertTokenizerFast from a local folder / vocab.txt / tokenizer.json, else from the HF cache."""
+    from transformers import BertTokenizerFast
+    path = os.path.expanduser(str(version))
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.txt", "tokenizer.json")):
+        return BertTokenizerFast.from_pretrained(path, local_files_only=True)
+    if os.path.isfile(path) and path.endswith(".json"):
+        return BertTokenizerFast(tokenizer_file=path)
+    if os.path.isfile(path):
+        return BertTokenizerFast(path)          # a vocab.txt (the first argument in transformers 4 and 5)
+    tok = local_tokenizer(BertTokenizerFast, str(version), min_vocab=1000)
+    if tok is None:
+        raise missing(f"BERT tokenizer '{version}'",
+                      "set `tokenizer_path:` (BERTEmbedder) or `version:` (BERTTokenizer) to a folder holding "
+                      "vocab.txt or tokenizer.json -- `python scripts/train_tokenizer.py --captions <image folder> "
+                      "--out <folder>` makes one from your captions in seconds -- or put bert-base-uncased "
+                      "in the Hugging Face cache (HF_HOME)", weights=False)
+    return tok
+
+
 class BERTEmbedder(AbstractEncoder):
-    """BERT-tokenized text (or given token ids) -> (B, max_seq_len, n_embed) via our transformer."""
+    """BERT-tokenized text (or given token ids) -> (B, max_seq_len, n_embed) via our transformer.
+    The tokenizer files are read when the module is built (not at the first caption), so a
+    missing vocabulary fails before any data is loaded."""
 
     def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = 77,
-                 device: Optional[str] = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0):
+                 device: Optional[str] = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0,
+                 tokenizer_path: str = "bert-base-uncased"):
         super().__init__()
         # n_embed: width; n_layer: depth; vocab_size: token ids; max_seq_len: positions
         # device: ignored (inputs follow the module's parameters); kept for config compatibility
         # use_tokenizer: inputs are strings to tokenize (else token ids, e.g. layout2img's boxes)
         # embedding_dropout: dropout on the token + position embeddings
+        # tokenizer_path: WordPiece vocabulary (folder with vocab.txt / tokenizer.json, or the file),
+        #   or a hub id in the local HF cache (the original always used bert-base-uncased)
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
-            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len)
+            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, version=tokenizer_path)
+            if torch.get_default_device().type != "meta":   # meta builds (key listings) read no files
+                n_tokens = self.tknz_fn.check()
+                if n_tokens > vocab_size:
+                    raise ValueError(f"BERTEmbedder: the tokenizer '{tokenizer_path}' has {n_tokens} tokens but "
+                                     f"vocab_size is {vocab_size}: set vocab_size >= {n_tokens}")
         self.device = device
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer),
