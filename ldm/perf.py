@@ -117,6 +117,7 @@ def adamw(params: Iterable[nn.Parameter], lr: float, fused: bool = False, **kwar
 LATENT_KEY = "latent"                # (B, C, h, w) first-stage encoding before scale_factor: the
                                      # posterior mean (KL), pre-quantisation h (VQ), or a sample
 LATENT_LOGVAR_KEY = "latent_logvar"  # (B, C, h, w) posterior log-variance (KL): sampled per step
+CACHED_COND_KEY = "cached_cond"      # (B, ...) a frozen cond stage's output (cache_latents.py --text): used as c
 
 
 def has_cached_latent(batch: Any) -> bool:
