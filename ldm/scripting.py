@@ -95,7 +95,8 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int = 50, eta: float =
     s.add_argument("--scale", type=float, default=scale,
                    help="classifier-free guidance: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
     s.add_argument("--timestep_spacing", choices=sampler_registry.TIMESTEP_SPACINGS,
-                   help="ddim / plms grid as diffusers' DDIMScheduler (default: the original's grid)")
+                   help="timesteps spaced as diffusers' schedulers do, for ddim / plms / dpm / the k-samplers "
+                        "(default: the original's DDIM grid, DPM-Solver's time_uniform, --sigma_schedule)")
     s.add_argument("--sigma_schedule", choices=sampler_registry.SIGMA_SCHEDULES,
                    help="sigma spacing of the k-diffusion samplers (default: karras)")
     s.add_argument("--guidance_rescale", type=float,

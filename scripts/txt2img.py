@@ -22,6 +22,7 @@ from tqdm.auto import tqdm, trange  # noqa: E402
 
 from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
+from ldm.modules import lora  # noqa: E402
 
 TEXT_KEYS = ("txt", "caption")
 
@@ -32,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", "--from_file", dest="from_file", help="prompts from this file, one per line")
     p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
     p.add_argument("--fixed_code", action="store_true", help="the same start code for every iteration")
+    p.add_argument("--lora", help="LoRA adapters to add (.safetensors; diffusers-PEFT or kohya keys, e.g. the "
+                                  "lora.safetensors a lora_config fine-tune writes)")
+    p.add_argument("--lora-scale", "--lora_scale", dest="lora_scale", type=float, default=1.0,
+                   help="strength of --lora (0: the base model)")
     S.add_common_args(p, steps=50, scale=7.5, n_samples=3, outdir="outputs/txt2img-samples",
                       config="configs/stable-diffusion/v1-inference.yaml")
     return p
@@ -43,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     device = S.resolve_device(opt.device)
     batches = S.read_prompts(opt.prompt, opt.from_file, opt.n_samples, opt.repeat)
     model = S.load_model(opt.config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
+    if opt.lora:
+        lora.apply_lora_for_sampling(model, str(S.require_file(opt.lora, "LoRA file", " (--lora)")), opt.lora_scale)
     if getattr(model, "cond_stage_key", None) not in TEXT_KEYS or model.cond_stage_model is None:
         S.fail(f"'{opt.config}' is not a text-conditional model (cond_stage_key "
                f"'{getattr(model, 'cond_stage_key', None)}'); see sample_class_conditional.py / sample_diffusion.py")

@@ -279,3 +279,42 @@ def test_discrete_vp_denoiser_uses_the_networks_x0():
 def test_bad_sigmas_raise():
     with pytest.raises(ValueError, match="decrease to a final 0"):
         kd.sample_euler(gaussian_denoiser, torch.zeros(1, 1), torch.tensor([1.0, 0.5]))
+
+
+# ----------------------------------------------------------------------------------------
+# oracle: diffusers' schedulers on a discrete VP eps model, through DiscreteVPDenoiser
+# ----------------------------------------------------------------------------------------
+def _smooth_eps(x, t):
+    """An arbitrary eps model, smooth in x and t (t: a tensor of shape () or (B,))."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    t = t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t
+    return (0.3 * x * torch.cos(t / 300.0) + 0.1 * torch.sin(x)).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
+def test_full_run_equals_diffusers_scheduler(name):
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing")
+    for n in (10, 25):
+        if name == "euler":
+            sch = EulerDiscreteScheduler(**common)
+        elif name == "euler_ancestral":     # same noise draws: one randn per step from the generator
+            sch = EulerAncestralDiscreteScheduler(**common)
+        else:      # DPM-Solver++(2M), first order on the last step, which lands on sigma = 0
+            sch = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+                                              lower_order_final=True, **common)
+        sch.set_timesteps(n)
+        sigmas = kd.get_sigmas_trailing(sch.alphas_cumprod.double(), n)
+        # float32 for the ancestral sampler: both draw float32 noise
+        dtype = torch.float32 if name == "euler_ancestral" else torch.float64
+        z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        x = z * float(sigmas[0])                                                  # VE start
+        ref = x / (1 + sigmas[0] ** 2) ** 0.5 if name == "dpmpp_2m" else x.clone()   # diffusers' DPM runs in VP space
+        g = torch.Generator().manual_seed(5)
+        for t in sch.timesteps:
+            ref = sch.step(_smooth_eps(sch.scale_model_input(ref, t), t), t, ref, generator=g).prev_sample
+        ours = kd.K_SAMPLERS[name](kd.DiscreteVPDenoiser(_smooth_eps, sch.alphas_cumprod.double()), x, sigmas,
+                                   generator=torch.Generator().manual_seed(5))
+        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+        print(f"{name} {n} steps vs diffusers {type(sch).__name__}: max rel diff {rel:.1e}")
+        assert rel < 1e-6          # diffusers keeps its sigmas in float32

@@ -102,6 +102,27 @@ def test_sampler_options_reach_the_sampler(short, tmp_path):
         run("--sampler", "dpm", "--sigma_schedule", "uniform", "--outdir", str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timestep_spacing_reaches_every_grid_sampler(spacing):
+    """The timesteps the network sees equal diffusers' spacing (ldm.sampling.schedule_view.spaced_timesteps)."""
+    from ldm.sampling.schedule_view import spaced_timesteps
+    model = GaussianModel(0.3, 0.5)
+    seen = []
+    network = model.apply_model
+    model.apply_model = lambda x, t, c=None: seen.append(t[0].item()) or network(x, t, c)
+    grid = sorted(int(g) for g in spaced_timesteps(200, 8, spacing, 0))
+    for name in ("ddim", "plms"):
+        seen.clear()
+        registry.sample(name, model, torch.randn(2, 1, 1, 1), 8, timestep_spacing=spacing)
+        assert sorted(set(seen)) == grid, name
+    seen.clear()
+    registry.sample("euler", model, torch.randn(2, 1, 1, 1), 8, timestep_spacing=spacing)
+    assert [round(t) for t in seen] == grid[::-1]          # sigma -> t recovers each grid step
+    seen.clear()
+    registry.sample("dpm", model, torch.randn(2, 1, 1, 1), 8, timestep_spacing=spacing)
+    assert [round(t) for t in seen] == grid[::-1][:len(seen)]
+
+
 @pytest.mark.slow
 def test_every_sampler_in_evaluation_benchmark_and_image_logs(short):
     from ldm.eval.sample_for_eval import SamplerSettings, make_ldm_sample_fn

@@ -241,13 +241,25 @@ def _unet_of(model: nn.Module) -> nn.Module:
 def _text_encoder_of(model: nn.Module, required: bool = True) -> Optional[nn.Module]:
     """The transformers CLIPTextModel of a FrozenCLIPEmbedder cond stage (SD v1), or None."""
     te = getattr(getattr(model, "cond_stage_model", None), "transformer", None)
-    if te is None or not hasattr(te, "text_model"):
+    if te is None or type(te).__name__ != "CLIPTextModel":
         if required:
-            raise NotImplementedError("LoRA on the text encoder needs a CLIP text encoder with HF layout "
+            raise NotImplementedError("LoRA on the text encoder needs a transformers CLIPTextModel "
                                       "(FrozenCLIPEmbedder, SD v1); this model's cond stage is "
                                       f"{type(getattr(model, 'cond_stage_model', None)).__name__}")
         return None
     return te
+
+
+def text_encoder_module_paths(te: nn.Module) -> dict[str, str]:
+    """CLIPTextModel module names -> the names LoRA files use (`text_model.encoder.layers.N...`,
+    the transformers < 5 layout; transformers 5 dropped the `text_model` level)."""
+    nested = hasattr(te, "text_model")
+    out = {}
+    for name, m in te.named_modules():
+        name = re.sub(r"\.base_layer$", "", name)        # a LoRA-wrapped layer keeps its base's name
+        if isinstance(m, nn.Linear) and ".lora_" not in name:
+            out[name] = name if nested else f"text_model.{name}"
+    return out
 
 
 def add_lora(model: nn.Module, lora_config: Union[LoRAConfig, Mapping[str, Any]]) -> LoRAConfig:
@@ -285,12 +297,12 @@ def lora_state_dict(model: nn.Module, format: str = "diffusers",
     parts = [("unet", unet, unet_module_paths(unet))]
     te = _text_encoder_of(model, required=False) if unet is not model else None
     if te is not None and _lora_layers(te):
-        parts.append(("text_encoder", te, None))
+        parts.append(("text_encoder", te, text_encoder_module_paths(te)))
     for prefix, module, paths in parts:
         for name, m in _lora_layers(module).items():
             if adapter_name not in m.lora_A:
                 continue
-            path = paths[name] if paths is not None else name
+            path = paths[name]
             a = m.lora_A[adapter_name].weight.detach()
             b = m.lora_B[adapter_name].weight.detach()
             scale = m.lora_alpha[adapter_name] / m.r[adapter_name]
@@ -421,7 +433,20 @@ def load_lora(model: nn.Module, path: str, scale: float = 1.0, adapter_name: str
     n = _load_part(unet, parts["unet"], unet_module_paths(unet), scale, path, adapter_name)
     if parts["text_encoder"]:
         te = _text_encoder_of(model)
-        n += _load_part(te, parts["text_encoder"], {k: k for k, m in te.named_modules() if isinstance(m, nn.Linear)},
-                        scale, path, adapter_name)
+        n += _load_part(te, parts["text_encoder"], text_encoder_module_paths(te), scale, path, adapter_name)
     log.info("LoRA: %d layers from %s at scale %g", n, path, scale)
+    return n
+
+
+def apply_lora_for_sampling(model: nn.Module, path: str, scale: float = 1.0, merge: bool = True) -> int:
+    """`load_lora` for a sampling script: EMA weights (if the model keeps them) are copied in
+    first (the wrapped layers' parameter names no longer match the EMA's), then the adapters
+    are loaded at `scale` and, with `merge`, folded into the weights. Returns the layer count."""
+    if getattr(model, "use_ema", False) and getattr(model, "model_ema", None) is not None:
+        model.model_ema.copy_to(model.model)
+        model.use_ema = False
+        log.info("LoRA: sampling with the EMA weights of the base model")
+    n = load_lora(model, path, scale=scale)
+    if merge:
+        merge_lora(model)
     return n

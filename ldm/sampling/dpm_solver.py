@@ -119,9 +119,11 @@ def sample_dpm_solver(eps_fn: ContinuousEpsFn, x_T: Tensor, schedule: DiscreteVP
                       order: int = 2, algorithm: str = "dpmsolver++", skip_type: str = "time_uniform",
                       solver_type: str = "dpm_solver", lower_order_final: bool = True,
                       t_start: Optional[float] = None, t_end: Optional[float] = None,
-                      callback: Optional[Callable[[dict[str, Any]], None]] = None) -> Tensor:
+                      callback: Optional[Callable[[dict[str, Any]], None]] = None,
+                      timesteps: Optional[Tensor] = None) -> Tensor:
     """Multistep DPM-Solver(++) of `order` (1-3) in `steps` network evaluations, from t_start
-    (default T = 1) to t_end (default 1/N, i.e. training step 0).
+    (default T = 1) to t_end (default 1/N, i.e. training step 0). `timesteps`: the steps + 1
+    decreasing continuous times to visit instead of `skip_type`'s (e.g. a diffusers spacing).
 
     eps_fn(x, t) takes continuous times; `schedule.model_time(t)` gives the network's timestep.
     callback({'i', 't', 'x', 'model'}) after every step ('model': the D or eps it used last).
@@ -134,7 +136,10 @@ def sample_dpm_solver(eps_fn: ContinuousEpsFn, x_T: Tensor, schedule: DiscreteVP
     t_0 = schedule.t_end if t_end is None else t_end
     t_T = schedule.T if t_start is None else t_start
     x = x_T
-    timesteps = schedule.time_steps(skip_type, t_T, t_0, steps, x.device)
+    if timesteps is None:
+        timesteps = schedule.time_steps(skip_type, t_T, t_0, steps, x.device)
+    elif len(timesteps) != steps + 1:
+        raise ValueError(f"timesteps must hold steps + 1 = {steps + 1} times, got {len(timesteps)}")
     vec_t = timesteps[0].expand(x.shape[0])
     model_prev, t_prev = [solver.model_fn(x, vec_t)], [vec_t]
     for step in range(1, steps + 1):

@@ -141,16 +141,29 @@ def _plms(den, schedule, x_T, steps, *, cond, uncond, scale, eta, generator, cal
     return x
 
 
+def dpm_times(num_timesteps: int, steps: int, timestep_spacing: str, dtype: torch.dtype) -> Tensor:
+    """DPM-Solver's continuous times (t_n = (n + 1) / N) of a diffusers timestep spacing, decreasing,
+    ending at training step 0 (1/N); a grid that contains step 0 takes one step less."""
+    grid = ddim_grid(num_timesteps, steps, timestep_spacing)
+    times = sorted({(int(g) + 1) / num_timesteps for g in grid} | {1.0 / num_timesteps}, reverse=True)
+    return torch.tensor(times, dtype=dtype)
+
+
 def _dpm(den, schedule, x_T, steps, *, cond, uncond, scale, eta, generator, callback, order=2,
-         skip_type="time_uniform", guidance_rescale=0.0):
+         skip_type="time_uniform", timestep_spacing=None, guidance_rescale=0.0):
     from ldm.sampling.dpm_solver import continuous_denoiser, sample_dpm_solver
     from ldm.sampling.schedule_view import DiscreteVPSchedule
     ns = DiscreteVPSchedule(schedule.alphas_cumprod.detach().clone().to(x_T.device, torch.float32))
     cont = continuous_denoiser(den.network, ns, den.parameterization)
     # as SD2's DPMSolverSampler: each half converted to eps, then guided
     eps_fn = cont.eps_denoiser().with_network(guidance(uncond, scale, guidance_rescale)).eps_fn(cond)
-    return sample_dpm_solver(eps_fn, x_T, ns, steps, order=order, skip_type=skip_type, algorithm="dpmsolver++",
-                             lower_order_final=True, callback=_step_cb(callback))
+    times = None
+    if timestep_spacing is not None:
+        times = dpm_times(schedule.num_timesteps, steps, timestep_spacing, ns.t_array.dtype).to(x_T.device)
+        steps = len(times) - 1
+    return sample_dpm_solver(eps_fn, x_T, ns, steps, order=min(order, steps), skip_type=skip_type,
+                             algorithm="dpmsolver++", lower_order_final=True, callback=_step_cb(callback),
+                             timesteps=times)
 
 
 def _ddpm(den, schedule, x_T, steps, *, cond, uncond, scale, eta, generator, callback, clip_denoised=False,
@@ -167,7 +180,7 @@ register("ddim", _ddim, "DDIM (Song et al. 2021), --eta 0 deterministic", uses_e
 register("plms", _plms, "PLMS / PNDM (Liu et al. 2022), eta 0",
          defaults={"timestep_spacing": None, "guidance_rescale": 0.0})
 register("dpm", _dpm, "DPM-Solver++ 2M (Lu et al. 2022), as SD2",
-         defaults={"order": 2, "skip_type": "time_uniform", "guidance_rescale": 0.0})
+         defaults={"order": 2, "skip_type": "time_uniform", "timestep_spacing": None, "guidance_rescale": 0.0})
 register("ddpm", _ddpm, "ancestral DDPM (Ho et al. 2020), all training steps", fixed_steps=True,
          defaults={"clip_denoised": False, "guidance_rescale": 0.0})
 
@@ -193,8 +206,15 @@ def vp_fractional_coefficients(schedule: Schedule):
     return coefficients
 
 
-def k_sigmas(vp_denoiser: Any, alphas_cumprod: Tensor, steps: int, sigma_schedule: str) -> Tensor:
+def k_sigmas(vp_denoiser: Any, alphas_cumprod: Tensor, steps: int, sigma_schedule: str,
+             timestep_spacing: Optional[str] = None) -> Tensor:
+    """The decreasing sigmas (then 0) of a k-diffusion run: a sigma schedule, or the discrete sigmas
+    at a diffusers timestep spacing (which then takes precedence)."""
     from ldm.sampling import k_diffusion as K
+    if timestep_spacing is not None:
+        grid = ddim_grid(len(alphas_cumprod), steps, timestep_spacing)
+        sigmas = K.vp_sigmas(alphas_cumprod)[torch.as_tensor(grid[::-1].copy())]
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
     if sigma_schedule == "karras":
         return K.get_sigmas_karras(steps, vp_denoiser.sigma_min, vp_denoiser.sigma_max)
     if sigma_schedule == "uniform":
@@ -207,20 +227,20 @@ def k_sigmas(vp_denoiser: Any, alphas_cumprod: Tensor, steps: int, sigma_schedul
 def k_sampler(function_name: str) -> SamplerFn:
     """A registry entry over `ldm.sampling.k_diffusion.<function_name>`."""
     def run(den, schedule, x_T, steps, *, cond, uncond, scale, eta, generator, callback, sigma_schedule="karras",
-            guidance_rescale=0.0, ancestral_eta=None):
+            timestep_spacing=None, guidance_rescale=0.0, ancestral_eta=None):
         # the ancestral samplers' own eta (1 = full ancestral noise); the DDIM-style `eta` is unused
         from ldm.sampling import k_diffusion as K
         k_options = {} if ancestral_eta is None else {"eta": ancestral_eta}
         frac = Denoiser(den.network, vp_fractional_coefficients(schedule), den.parameterization)
         eps_fn = frac.with_network(guidance(uncond, scale, guidance_rescale)).eps_fn(cond)
         vp = K.DiscreteVPDenoiser(eps_fn, schedule.alphas_cumprod)
-        sigmas = k_sigmas(vp, schedule.alphas_cumprod, steps, sigma_schedule)
+        sigmas = k_sigmas(vp, schedule.alphas_cumprod, steps, sigma_schedule, timestep_spacing)
         x = x_T * float(sigmas[0])
         return getattr(K, function_name)(vp, x, sigmas, generator=generator, callback=_step_cb(callback), **k_options)
     return run
 
 
-_K = {"sigma_schedule": "karras", "guidance_rescale": 0.0}
+_K = {"sigma_schedule": "karras", "timestep_spacing": None, "guidance_rescale": 0.0}
 register("euler", k_sampler("sample_euler"), "Euler on the probability-flow ODE (Karras et al. 2022)", defaults=_K)
 register("euler_a", k_sampler("sample_euler_ancestral"), "Euler ancestral (k-diffusion), stochastic",
          defaults={**_K, "ancestral_eta": 1.0})

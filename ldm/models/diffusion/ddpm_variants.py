@@ -62,13 +62,8 @@ class LatentUpscaleDiffusion(LatentDiffusion):
                    plot_denoise_rows=False, plot_progressive_rows=True, plot_diffusion_rows=True,
                    unconditional_guidance_scale=1., unconditional_guidance_label=None, use_ema_scope=True,
                    **kwargs):
-        return image_logs.log_images_ldm(
-            self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-            return_keys=return_keys, quantize_denoised=False, inpaint=False, plot_denoise_rows=plot_denoise_rows,
-            plot_progressive_rows=plot_progressive_rows, plot_diffusion_rows=plot_diffusion_rows,
-            unconditional_guidance_scale=unconditional_guidance_scale,
-            unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope,
-            sampler=kwargs.get("sampler"))
+        return image_logs.log_images_ldm(self, batch, **image_logs.skeleton_args(
+            locals(), quantize_denoised=False, inpaint=False))
 
     def log_inputs(self, batch, N):
         z, c, x, xrec, xc, x_low, x_low_rec, noise_level = self.get_input(batch, self.first_stage_key, bs=N,
@@ -149,13 +144,8 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                    plot_diffusion_rows=True, unconditional_guidance_scale=1., unconditional_guidance_label=None,
                    use_ema_scope=True, **kwargs):
         # as the original: no quantized, inpainting or progressive rows for the fine-tunes
-        return image_logs.log_images_ldm(
-            self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-            return_keys=return_keys, quantize_denoised=False, inpaint=False, plot_denoise_rows=plot_denoise_rows,
-            plot_progressive_rows=False, plot_diffusion_rows=plot_diffusion_rows,
-            unconditional_guidance_scale=unconditional_guidance_scale,
-            unconditional_guidance_label=unconditional_guidance_label, use_ema_scope=use_ema_scope,
-            sampler=kwargs.get("sampler"))
+        return image_logs.log_images_ldm(self, batch, **image_logs.skeleton_args(
+            locals(), quantize_denoised=False, inpaint=False, plot_progressive_rows=False))
 
     def log_inputs(self, batch, N):
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, bs=N, return_first_stage_outputs=True)

@@ -22,6 +22,7 @@ from ldm.diffusion import tiling
 from ldm.diffusion.conditioning import ConditioningDropout, cond_route, make_cond_ids, wrap_cond
 from ldm.models.diffusion.ddpm import DDPM, freeze
 from ldm.models.diffusion.latent_sampling import LatentSamplingMixin
+from ldm.modules import lora
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
 
@@ -42,6 +43,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                  scale_by_std: bool = False,
                  force_null_conditioning: bool = False,
                  ucg_rate: Any = None,
+                 lora_config: Optional[Mapping[str, Any]] = None,
                  *args, **kwargs):
         # first_stage_config: {target, params} of the frozen autoencoder E/D (first_stage_model)
         # cond_stage_config: {target, params} of tau (cond_stage_model), or "__is_first_stage__" (reuse the
@@ -58,6 +60,7 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         # ucg_rate: conditioning dropout while training, for classifier-free guidance (not in the original):
         #   p for the cond stage's conditioning, or {cond: p, c_concat: p, c_adm: p}; see
         #   ldm.diffusion.conditioning.ConditioningDropout
+        # lora_config: {rank, alpha, target_modules, dropout, text_encoder}: train LoRA adapters only
         # remaining args: DDPM's
         self.force_null_conditioning = force_null_conditioning
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
@@ -90,6 +93,14 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         self.bbox_tokenizer = None
         # patch-wise first stage / UNet for large images (see ldm.diffusion.tiling); set by the user
         self.split_input_params: Optional[dict[str, Any]] = None
+        # LoRA (ldm.modules.lora): added by _after_init, once the base checkpoint is loaded
+        self._lora_spec, self.lora_config = lora_config, None
+
+    def _after_init(self) -> None:
+        super()._after_init()     # ckpt_path
+        spec = self.__dict__.pop("_lora_spec", None)
+        if spec is not None:      # freezes all but the adapters
+            self.lora_config = lora.add_lora(self, spec)
 
     # ------------------------------------------------------------------ stages and schedule
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
@@ -357,6 +368,8 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         return obj.per_sample(kl_prior) / math.log(2.0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.lora_config is not None:      # LoRA: the adapters only
+            return [p for p in self.parameters() if p.requires_grad]
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             rank_zero_info(f"{self.__class__.__name__}: Also optimizing conditioner params!")
@@ -365,6 +378,10 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             rank_zero_info("Diffusion model optimizing logvar")
             params.append(self.logvar)
         return params
+
+    def on_save_checkpoint(self, checkpoint):   # LoRA: the adapters alone, as lora.safetensors beside it
+        if self.lora_config is not None:
+            lora.save_lora_beside_checkpoints(self, self.lora_config)
 
     @torch.no_grad()
     def to_rgb(self, x):

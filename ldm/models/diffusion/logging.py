@@ -137,6 +137,16 @@ def log_images_ldm(model, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim
     return select_keys(log, return_keys)
 
 
+def skeleton_args(args: dict[str, Any], **forced: Any) -> dict[str, Any]:
+    """A variant's log_images arguments (its `locals()`) that log_images_ldm takes (`sampler` may come
+    through **kwargs), with the rows a variant never draws `forced` off."""
+    import inspect
+    names = set(inspect.signature(log_images_ldm).parameters) - {"model", "batch"}
+    out = {k: v for k, v in args.items() if k in names}
+    out.setdefault("sampler", (args.get("kwargs") or {}).get("sampler"))
+    return {**out, **forced}
+
+
 def cfg_samples(model, c, uc, scale: float, ema_scope, sample_kw: dict) -> dict[str, Tensor]:
     with ema_scope("Sampling with classifier-free guidance"):
         samples_cfg, _ = model.sample_log(cond=c, **sample_kw, unconditional_guidance_scale=scale,
