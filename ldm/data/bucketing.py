@@ -31,7 +31,8 @@ is full; the partial buffers are yielded at the end of the epoch (unless drop_la
       trainer:
         use_distributed_sampler: false   # the batch sampler shards by rank itself
 
-`BucketedDataModule` is DataModuleFromConfig with bucketed loaders (it does not resume mid-epoch).
+`BucketedDataModule` is DataModuleFromConfig with bucketed loaders (the train set must be bucketed;
+validation / test sets without buckets load as usual; it does not resume mid-epoch).
 """
 from __future__ import annotations
 
@@ -217,4 +218,7 @@ class BucketedDataModule(DataModuleFromConfig):
         return self._bucket_loader("train", True, rank, world)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return self._bucket_loader(split, shuffle)
+        ds = self.datasets[split]   # validation / test sets of one image size batch as usual
+        if isinstance(ds, IterableDataset) or hasattr(ds, "bucket_ids"):
+            return self._bucket_loader(split, shuffle)
+        return super()._loader(split, shuffle)
