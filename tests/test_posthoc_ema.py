@@ -121,3 +121,45 @@ def test_callback_in_a_lightning_fit_and_the_script(tmp_path):
     with pytest.raises(KeyError, match="different models"):
         script.main(["--snapshots", str(tmp_path), "--ckpt", str(tmp_path / "other.ckpt"),
                      "--sigma-rel", "0.1", "--out", str(tmp_path / "x.ckpt")])
+
+
+def test_latent_diffusion_run_to_a_checkpoint_the_scripts_load(tmp_path):
+    """PostHocEMA on a tiny LatentDiffusion (with LitEma) -> scripts/posthoc_ema.py -> scripting.load_model."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from conftest import reference_or_skip
+    from ldm import scripting
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load(reference_or_skip() / "golden" / "_models" / "ldm_crossattn" / "config.yaml")
+    cfg.model.params.use_ema = True
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = 1e-3
+    data = [{"image": torch.rand(8, 8, 3) * 2 - 1, "class_label": i % 10} for i in range(8)]
+    cb = PostHocEMA(sigma_rels=[0.05, 0.10], every_n_steps=2, dirpath=str(tmp_path))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(model, DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["PostHocEMA"]
+    resumed = PostHocEMA(sigma_rels=[0.05, 0.10], every_n_steps=2, dirpath=str(tmp_path))
+    resumed.load_state_dict(state)   # a resumed fit: the running averages continue from the checkpoint
+    resumed.on_fit_start(trainer, model)
+    for a, b in zip(cb.emas, resumed.emas):
+        assert a.gamma == b.gamma and all(torch.equal(a.shadow[k], b.shadow[k]) for k in a.shadow)
+    with pytest.raises(ValueError, match="sigma_rels"):
+        PostHocEMA(sigma_rels=[0.2]).load_state_dict(state)
+    spec = importlib.util.spec_from_file_location("posthoc_ema_script", ROOT / "scripts" / "posthoc_ema.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.main(["--snapshots", str(tmp_path), "--ckpt", str(tmp_path / "last.ckpt"),
+                       "--sigma-rel", "0.07", "--out", str(tmp_path / "ema.ckpt")])
+    weights, _ = reconstruct(list_snapshots(tmp_path), 0.07)
+    loaded = scripting.load_model(OmegaConf.to_container(cfg), out)
+    key = "model.diffusion_model.out.2.weight"
+    torch.testing.assert_close(loaded.state_dict()[key], weights[key])
+    with loaded.ema_scope():   # sampling under the EMA scope sees the reconstruction too
+        torch.testing.assert_close(loaded.state_dict()[key], weights[key])
