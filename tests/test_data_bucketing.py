@@ -88,6 +88,17 @@ def test_folder_two_ranks_two_workers(folder):
     assert wide.shape == (64, 256, 3)
 
 
+def test_unreadable_image_is_replaced_within_its_bucket(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 255, (128, 32, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    ds = BucketedImageFolder(str(tmp_path), size=128, step=64, max_aspect=4.0)
+    assert [ds.buckets[b] for b in ds.bucket_ids] == [(64, 256), (256, 64), (128, 128)]
+    item = ds[2]   # c.png fails: a.png's pixels, cut to c's (square) bucket, so its batch keeps one shape
+    assert item["image"].shape == (128, 128, 3) and item["file_path_"].endswith("a.png") and ds.num_skipped == 1
+
+
 def png(hw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((*hw, 3), 120, np.uint8)).save(buf, format="PNG")

@@ -107,10 +107,15 @@ class BucketedImageFolder(ImageFolderDataset):
                 w = h = 1   # unreadable: __getitem__ replaces it by the next readable image
             self.bucket_ids.append(nearest_bucket((h, w), self.buckets))
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        # an unreadable file is replaced by the next readable one, cut to item i's bucket
+        self._bucket = self.buckets[self.bucket_ids[i]]
+        return super().__getitem__(i)
+
     def _load(self, j: int) -> dict[str, Any]:
         example = super()._load(j)   # the file's own size
         rng = process_rng() if self.random_crop else None
-        example["image"] = fit_to_bucket(example["image"], self.buckets[self.bucket_ids[j]], rng)
+        example["image"] = fit_to_bucket(example["image"], self._bucket, rng)
         return example
 
 
