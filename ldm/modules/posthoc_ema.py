@@ -136,8 +136,9 @@ def reconstruct(snapshots: Sequence[tuple[Path, int, float]], sigma_rel: float, 
 
 class PostHocEMA(pl.Callback):
     """Power-function EMAs of `pl_module.<module>`'s trainable parameters, one per sigma_rel,
-    written as safetensors snapshots every `every_n_steps` optimizer steps (rank 0 only). Keys
-    are the LightningModule's state-dict keys (`model.diffusion_model....`)."""
+    written as safetensors snapshots every `every_n_steps` optimizer steps. Kept and written on
+    rank 0 only (DDP: every rank holds the same parameters; sharded FSDP parameters are not
+    supported). Keys are the LightningModule's state-dict keys (`model.diffusion_model....`)."""
 
     def __init__(self, sigma_rels: Iterable[float] = (0.05, 0.10), every_n_steps: int = 1000,
                  dirpath: Optional[str] = None, module: str = "model", dtype: str = "float32"):
@@ -169,6 +170,8 @@ class PostHocEMA(pl.Callback):
         return Path(ckpt or Path(trainer.default_root_dir) / "checkpoints") / SNAPSHOT_DIR
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:   # DDP replicas hold the same parameters; rank 0 writes
+            return
         params = self._params(pl_module)
         self.emas = [PowerFunctionEMA(params, g, self.dtype) for g in self.gammas]
         if self._loaded is not None:   # resumed: the running averages continue
