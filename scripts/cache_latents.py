@@ -16,7 +16,9 @@ What is stored per item:
                   the images themselves only with --keep-images
   cached_cond     with --text: the frozen conditioning stage's output for the item's
                   cond_stage_key input (e.g. FrozenCLIPEmbedder's (77, 768) context of the
-                  caption); LatentDiffusion then uses it as c and never runs the text encoder
+                  caption); LatentDiffusion then uses it as c and never runs the text encoder.
+                  uncond.safetensors holds the empty prompt's encoding: training with ucg_rate
+                  drops a caption to it, as the encoder would have (needs string captions)
 The first stage comes from --ckpt (a full LDM checkpoint) or from the config's
 first_stage_config (its ckpt_path must exist); the text encoder from the same checkpoint or the
 config's cond_stage_config. `--precision bf16` encodes under autocast.
@@ -46,7 +48,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm import perf  # noqa: E402
-from ldm.data.cached_latents import shard_name, write_index, write_shard  # noqa: E402
+from ldm.data.cached_latents import UNCOND, shard_name, write_index, write_shard  # noqa: E402
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -178,6 +180,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
     check_plan(out, {"config": str(args.config), "split": args.split, "ckpt": args.ckpt, "store": args.store,
                      "n": n, "shard_size": args.shard_size, "dtype": args.dtype, "precision": args.precision,
                      "keep_images": args.keep_images, "text": args.text, "seed": args.seed})
+
+    text_input = n > 0 and isinstance(dataset[0].get(cond_key), str)
+    if cond_encode is not None and text_input and not (out / UNCOND).exists():   # what ucg_rate drops a caption to
+        from safetensors.torch import save_file
+        with torch.no_grad(), perf.autocast(args.precision, device):
+            uncond = cond_encode([""])[0].float().to(DTYPES[args.dtype]).cpu()
+        save_file({perf.CACHED_UNCOND_KEY: uncond.contiguous()}, str(out / UNCOND))
 
     from tqdm import tqdm
     starts = list(range(0, n, args.shard_size))

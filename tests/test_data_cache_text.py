@@ -14,6 +14,7 @@ from torch import nn
 from conftest import ROOT
 from ldm import perf
 from ldm.data.cached_latents import CachedLatents, shard_name
+from ldm.data.digits import DigitsTrain
 from ldm.util import instantiate_from_config
 
 torch.set_num_threads(1)
@@ -36,10 +37,19 @@ class TinyTextEncoder(nn.Module):
         return self.embedding(ids)
 
 
+class CaptionedDigits(DigitsTrain):
+    """The digits with a caption (the digit's name)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "caption": f"digit {item['human_label']}"}
+
+
 def config(tmp_path):
     cfg = OmegaConf.load(ROOT / "configs" / "quickstart" / "ldm_digits.yaml")
+    cfg.data.params.train.target = "test_data_cache_text.CaptionedDigits"
     params = cfg.model.params
-    params.cond_stage_key = "human_label"   # the digit's name as a string: our 'caption'
+    params.cond_stage_key = "caption"
     params.cond_stage_trainable = False
     params.scale_by_std = False
     params.use_ema = False
@@ -96,8 +106,9 @@ def test_text_cache_resume_dataset_and_training(tmp_path, monkeypatch):
     ds = CachedLatents(full)
     assert len(ds) == 10 and ds.index["cached_cond_shape"] == [4, 64]
     item = ds[5]
-    assert set(item) >= {"latent", "cached_cond", "human_label", "class_label"}
-    torch.testing.assert_close(item["cached_cond"], TinyTextEncoder().encode([item["human_label"]])[0])
+    assert set(item) >= {"latent", "cached_cond", "cached_uncond", "caption", "class_label"}
+    torch.testing.assert_close(item["cached_cond"], TinyTextEncoder().encode([item["caption"]])[0])
+    torch.testing.assert_close(item["cached_uncond"], TinyTextEncoder().encode([""])[0])
 
     # one training step from cached latents + cached text: no encoder, no text encoder
     import pytorch_lightning as pl
@@ -122,3 +133,34 @@ def test_text_mode_refuses_a_trainable_cond_stage(tmp_path):
     with pytest.raises(ValueError, match="frozen cond stage"):
         script().main(["--config", str(ROOT / "configs" / "quickstart" / "ldm_digits.yaml"), "--limit", "2",
                        "--num-workers", "0", "--device", "cpu", "--text", "--out", str(tmp_path / "x")])
+
+
+def test_ucg_on_cached_text_equals_ucg_on_the_fly(tmp_path):
+    """ucg_rate drops a cached caption to the cached empty-prompt encoding: same draws, same c, same loss."""
+    cfg = OmegaConf.load(config(tmp_path)).model
+    cfg.params.ucg_rate = 0.5
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg).train()
+    enc = TinyTextEncoder()
+    captions = ["digit 1", "digit 2", "digit 3", "digit 4", "digit 5", "digit 6"]
+    images = torch.rand(6, 32, 32, 3) * 2 - 1
+    with torch.no_grad():
+        posterior = model.encode_first_stage(images.permute(0, 3, 1, 2).contiguous())
+    cached = {perf.LATENT_KEY: posterior.mean, perf.LATENT_LOGVAR_KEY: posterior.logvar, "caption": captions,
+              perf.CACHED_COND_KEY: enc.encode(captions), perf.CACHED_UNCOND_KEY: enc.encode([""]).expand(6, -1, -1)}
+    results = []
+    for batch in ({"image": images, "caption": captions}, cached):
+        torch.manual_seed(5)
+        c_seen = []
+        model.apply_model = (lambda f: lambda x, t, c, *a, **k: (c_seen.append(c), f(x, t, c, *a, **k))[1])(
+            type(model).apply_model.__get__(model))
+        loss, _ = model.shared_step(batch)
+        results.append((loss, c_seen[0]))
+    (loss_fly, c_fly), (loss_cache, c_cache) = results
+    torch.testing.assert_close(c_cache, c_fly)
+    assert torch.equal(loss_fly, loss_cache)
+    dropped = [bool(torch.equal(c_cache[i], enc.encode([""])[0])) for i in range(6)]
+    assert any(dropped) and not all(dropped)   # seed 5 drops some, keeps some
+    bare = {k: v for k, v in cached.items() if k != perf.CACHED_UNCOND_KEY}
+    with pytest.raises(ValueError, match="empty prompt's encoding"):
+        model.shared_step(bare)

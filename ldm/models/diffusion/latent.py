@@ -241,10 +241,11 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
             raise ValueError(f"this batch carries cached latents ('{perf.LATENT_KEY}') but no '{k}' images, "
                              "which return_first_stage_outputs / return_x / cond_key == first_stage_key need")
         if conditional and perf.CACHED_COND_KEY in batch:   # cache_latents.py --text: c is already encoded
-            if self.cond_stage_trainable or (self.training and self.conditioning_dropout):
+            if self.cond_stage_trainable:
                 raise ValueError(f"the batch carries '{perf.CACHED_COND_KEY}' (cached conditioning), which a trainable "
-                                 "cond stage or ucg_rate (dropout before encoding) cannot use; cache without --text")
-            c, xc = batch[perf.CACHED_COND_KEY].float().to(self.device), batch.get(cond_key)
+                                 "cond stage cannot use; cache without --text")
+            dropping = self.training and bool(self.conditioning_dropout)
+            c, xc = perf.cached_conditioning(batch, cond_key, self.device, dropping), batch.get(cond_key)
             c = c if bs is None else c[:bs]
         elif conditional:
             read = "first_stage" if cond_key == self.first_stage_key else cond_route(cond_key).read
