@@ -18,7 +18,9 @@ each bucket's short batch and the batches past the last multiple of R.
 
 WebDataset shards (`WebBucketBatches`) are grouped in the stream: each (rank, worker) reads its
 own shards (WebImageText's split), fills one buffer per bucket and yields a batch when a buffer
-is full; the partial buffers are yielded at the end of the epoch (unless drop_last).
+is full; the partial buffers are yielded at the end of the epoch (unless drop_last). Ranks may
+then yield different numbers of batches, which DDP cannot step through unevenly: bound the epoch
+(`resampled: true` streams with `max_steps`, or `limit_train_batches`) as usual for WebDataset.
 
     data:
       target: ldm.data.bucketing.BucketedDataModule      # instead of main.DataModuleFromConfig
