@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ldm.data.bucketing import (BucketBatchSampler, BucketedImageFolder, WebBucketBatches, fit_to_bucket,
-                                make_buckets, nearest_bucket)
+from ldm.data.bucketing import (BucketBatchSampler, BucketedDataLoader, BucketedImageFolder, WebBucketBatches,
+                                fit_to_bucket, make_buckets, nearest_bucket)
 
 torch.set_num_threads(1)
 SHAPES = [(32, 128), (64, 64), (128, 32), (40, 60), (70, 50), (30, 90)]   # (h, w) of the test images
@@ -57,6 +57,24 @@ def test_sampler_rule_without_workers():
     assert list(s) == first
     dropped = [i for b in BucketBatchSampler(ids, 4, 2, 0, drop_last=True) for i in b]
     assert all(len(b) == 4 for b in BucketBatchSampler(ids, 4, 2, 1, drop_last=True)) and len(dropped) == 4
+
+
+def test_resume_mid_epoch_continues_on_the_same_batches():
+    ids = [i % 3 for i in range(20)]
+    full = BucketBatchSampler(ids, 3, num_replicas=2, rank=1, seed=4)
+    full.set_epoch(1)
+    expected = list(full)
+    loader = BucketedDataLoader(list(range(20)), batch_sampler=BucketBatchSampler(ids, 3, 2, 1, seed=4))
+    loader.progress = lambda: 2
+    loader.batch_sampler.set_epoch(1)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches_done": 2}
+    resumed = BucketedDataLoader(list(range(20)), batch_sampler=BucketBatchSampler(ids, 3, 2, 1, seed=4))
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == expected[2:]
+    assert [b.tolist() for b in resumed] == expected   # the next pass over the epoch is whole again
+    resumed.load_state_dict({"epoch": 1, "batches_done": len(expected)})   # saved at the epoch's end
+    assert resumed.batch_sampler.epoch == 2
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +141,20 @@ def test_webdataset_two_ranks_two_workers(tmp_path):
             assert len(batch["caption"]) == batch["image"].shape[0] <= 3
             keys.update(batch["__key__"])
     assert len(keys) == sum(sizes) and set(keys.values()) == {1}
+
+
+def test_data_module_builds_bucketed_train_and_plain_validation_loaders(folder):
+    from ldm.data.bucketing import BucketedDataModule
+    dm = BucketedDataModule(batch_size=4, num_workers=0,
+                            train={"target": "ldm.data.bucketing.BucketedImageFolder",
+                                   "params": {"root": str(folder), "size": 128, "max_aspect": 4.0}},
+                            validation={"target": "ldm.data.base.ImageFolderDataset",
+                                        "params": {"root": str(folder), "size": 32}})
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    assert isinstance(train, BucketedDataLoader) and sum(len(b["file_path_"]) for b in train) == 23
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape == (4, 32, 32, 3)
+    dm.datasets["train"] = dm.datasets["validation"]
+    with pytest.raises(TypeError, match="bucket_ids"):
+        dm.train_dataloader()

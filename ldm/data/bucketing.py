@@ -34,13 +34,14 @@ then yield different numbers of batches, which DDP cannot step through unevenly:
         use_distributed_sampler: false   # the batch sampler shards by rank itself
 
 `BucketedDataModule` is DataModuleFromConfig with bucketed loaders (the train set must be bucketed;
-validation / test sets without buckets load as usual; it does not resume mid-epoch).
+validation / test sets without buckets load as usual; a resumed run continues mid-epoch on the
+batches an uninterrupted one would have seen).
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -136,9 +137,15 @@ class BucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"{len(self.bucket_ids)} images cannot be shared by {self.num_replicas} ranks")
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self._resume: Optional[tuple[int, int]] = None   # (epoch, batches of this rank to skip)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, skip_batches: int) -> None:
+        """The next pass over `epoch` starts after this rank's first `skip_batches` batches."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip_batches)
 
     def epoch_batches(self) -> list[list[int]]:
         """All ranks' batches of this epoch, in order."""
@@ -165,10 +172,33 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.epoch_batches()[self.rank::self.num_replicas])
+        batches = self.epoch_batches()[self.rank::self.num_replicas]
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                batches = batches[skip:]
+        return iter(batches)
 
     def __len__(self) -> int:
         return len(self.epoch_batches()) // self.num_replicas
+
+
+class BucketedDataLoader(DataLoader):
+    """A loader over a BucketBatchSampler with Lightning's `state_dict` / `load_state_dict`: a
+    resumed run skips the batches the interrupted one trained on (as ResumableDataLoader)."""
+
+    progress: Optional[Callable[[], Optional[int]]] = None  # -> batches trained on in the current epoch
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else None
+        return {"epoch": int(self.batch_sampler.epoch), "batches_done": int(done or 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+        if done >= len(self):   # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        self.batch_sampler.resume_at(epoch, done)
 
 
 class WebBucketBatches(IterableDataset):
@@ -216,8 +246,11 @@ class BucketedDataModule(DataModuleFromConfig):
                             "ldm.data.bucketing.BucketedImageFolder or WebBucketBatches with BucketedDataModule")
         sampler = BucketBatchSampler(ds.bucket_ids, self.batch_size, num_replicas=world, rank=rank,
                                      shuffle=shuffle, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers,
-                          worker_init_fn=self._init_fn(split))
+        loader = BucketedDataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers,
+                                    worker_init_fn=self._init_fn(split))
+        if split == "train":
+            loader.progress = self._batches_done
+        return loader
 
     def _train_dataloader(self) -> DataLoader:
         trainer = self.trainer
