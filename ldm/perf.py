@@ -117,6 +117,8 @@ def adamw(params: Iterable[nn.Parameter], lr: float, fused: bool = False, **kwar
 LATENT_KEY = "latent"                # (B, C, h, w) first-stage encoding before scale_factor: the
                                      # posterior mean (KL), pre-quantisation h (VQ), or a sample
 LATENT_LOGVAR_KEY = "latent_logvar"  # (B, C, h, w) posterior log-variance (KL): sampled per step
+CACHED_COND_KEY = "cached_cond"      # (B, ...) a frozen cond stage's output (cache_latents.py --text): used as c
+CACHED_UNCOND_KEY = "cached_uncond"  # (B, ...) the same stage's output for the empty prompt
 
 
 def has_cached_latent(batch: Any) -> bool:
@@ -232,3 +234,20 @@ class PeakMemory:
             rss = _rss_bytes()
             self._max = max(self._max, rss or 0)
             self.peak_bytes = self._max - self._base
+
+
+def cached_conditioning(batch: Mapping[str, Any], cond_key: str, device: Union[str, torch.device],
+                        dropping: bool = False) -> torch.Tensor:
+    """c from a batch cached with `cache_latents.py --text`. Items whose caption is "" (ucg_rate's
+    text dropout has just emptied them, or they were empty) take the cached empty-prompt encoding,
+    exactly what the text encoder would have returned for them."""
+    c = batch[CACHED_COND_KEY].float()
+    texts = batch.get(cond_key)
+    if CACHED_UNCOND_KEY in batch and isinstance(texts, (list, tuple)):
+        empty = torch.tensor([t == "" for t in texts], dtype=torch.bool).view(-1, *[1] * (c.dim() - 1))
+        c = torch.where(empty, batch[CACHED_UNCOND_KEY].float(), c)
+    elif dropping:
+        raise ValueError(f"ucg_rate on cached conditioning ('{CACHED_COND_KEY}') needs the captions ('{cond_key}') and "
+                         f"the empty prompt's encoding ('{CACHED_UNCOND_KEY}', written by cache_latents.py --text "
+                         "to uncond.safetensors); re-cache, or set ucg_rate: null")
+    return c.to(device)

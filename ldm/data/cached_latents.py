@@ -17,7 +17,8 @@ Layout of `root`: `index.json` ({"version": 1, "n": N, "shards": [{"file", "n"},
 "latent_shape", "kind": "posterior" | "tensor" | "sample", "first_stage", ...}) and
 `shard-XXXXX.safetensors` files holding `latent` (n, C, h, w), optional `latent_logvar`,
 tensor-valued conditioning (n, ...), and string-valued conditioning as a JSON list in the
-file's metadata (`strings` -> {key: [...]}).
+file's metadata (`strings` -> {key: [...]}). With `--text`, `uncond.safetensors` holds the text
+encoder's output for the empty prompt, returned with every item as `cached_uncond` (ucg_rate drops to it).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 INDEX = "index.json"
+UNCOND = "uncond.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -59,6 +61,11 @@ class CachedLatents(Dataset):
         self.keys = list(keys) if keys is not None else None
         self._open: dict[int, Any] = {}
         self._strings: dict[int, dict[str, list]] = {}
+        self.uncond: dict[str, torch.Tensor] = {}
+        if (self.root / UNCOND).exists():
+            from safetensors.torch import load_file
+            self.uncond = {k: v.float() for k, v in load_file(str(self.root / UNCOND)).items()
+                           if self.keys is None or k in self.keys}
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -92,6 +99,7 @@ class CachedLatents(Dataset):
         for key, values in self._strings[s].items():
             if self.keys is None or key in self.keys:
                 item[key] = values[j]
+        item.update(self.uncond)
         return item
 
 

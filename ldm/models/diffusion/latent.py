@@ -246,7 +246,14 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
         if x is None and (return_first_stage_outputs or return_x or (conditional and cond_key == k)):
             raise ValueError(f"this batch carries cached latents ('{perf.LATENT_KEY}') but no '{k}' images, "
                              "which return_first_stage_outputs / return_x / cond_key == first_stage_key need")
-        if conditional:
+        if conditional and perf.CACHED_COND_KEY in batch:   # cache_latents.py --text: c is already encoded
+            if self.cond_stage_trainable:
+                raise ValueError(f"the batch carries '{perf.CACHED_COND_KEY}' (cached conditioning), which a trainable "
+                                 "cond stage cannot use; cache without --text")
+            dropping = self.training and bool(self.conditioning_dropout)
+            c, xc = perf.cached_conditioning(batch, cond_key, self.device, dropping), batch.get(cond_key)
+            c = c if bs is None else c[:bs]
+        elif conditional:
             read = "first_stage" if cond_key == self.first_stage_key else cond_route(cond_key).read
             if read == "first_stage":
                 xc = x
