@@ -94,6 +94,12 @@ class _Extractor:
     provenance: dict = field(init=False)
     feature_key: str = field(init=False, default="")
 
+    def _arch(self, default: str) -> Any:
+        """`arch`, with config sections (DictConfig) as plain dicts."""
+        from omegaconf import OmegaConf
+        arch = self.arch or default
+        return OmegaConf.to_container(arch, resolve=True) if OmegaConf.is_config(arch) else arch
+
     @property
     def cache_id(self) -> str:
         w = "RANDOM-seed%d" % self.seed if self.random_weights else self.provenance["sha256"][:16]
@@ -124,7 +130,7 @@ class DinoV2Features(_Extractor):
     def __post_init__(self) -> None:
         import timm
         self.feature_key = DINOV2
-        arch = self.arch or "vit_large_patch14_dinov2"
+        arch = self._arch("vit_large_patch14_dinov2")
         name = arch if isinstance(arch, str) else "custom-vit"
         path = None if self.random_weights else _find(self.weights_path, "LDM_DINOV2_WEIGHTS", DINOV2_FILENAME,
                                                       "DINOv2 ViT-L/14", DINOV2_URL, "--dinov2-weights")
@@ -159,7 +165,7 @@ class ClipFeatures(_Extractor):
     def __post_init__(self) -> None:
         import open_clip
         self.feature_key = CLIP_IMAGE
-        arch = self.arch or CLIP_ARCH
+        arch = self._arch(CLIP_ARCH)
         name = arch if isinstance(arch, str) else "custom"
         path = None if self.random_weights else _find(
             self.weights_path, "LDM_CLIP_WEIGHTS", CLIP_FILENAME, f"open_clip {CLIP_ARCH} ({CLIP_TAG})",
