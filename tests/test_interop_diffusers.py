@@ -206,3 +206,41 @@ def test_inexpressible_unet_says_why():
                   num_res_blocks=2, channel_mult=[1, 2], num_head_channels=16, num_attention_blocks=[1, 0])
     with pytest.raises(InteropError, match="only some of its blocks"):
         diffusers_unet_config(u)
+
+
+@torch.no_grad()
+def test_sd2_openclip_text_encoder_round_trip(tmp_path):
+    """SD 2's OpenCLIP text tower ("penultimate") -> a CLIPTextModel with one layer less, the unused
+    weights kept in ldm_extra.safetensors; same embeddings, bit-identical import."""
+    import open_clip
+    from diffusers import StableDiffusionPipeline
+    from make_tiny_checkpoint import make_tiny
+    from omegaconf import OmegaConf
+
+    from ldm import scripting as S
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16,
+                                            "patch_size": 56},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3}}
+    (tmp_path / "ldm-interop-tiny.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(tmp_path / "ldm-interop-tiny.json")
+    ckpt = tmp_path / "sd2.safetensors"
+    cfg_path = make_tiny(ROOT / CASES["sd2v"][0], [ckpt], config_out=tmp_path / "sd2.yaml",
+                         overrides=["model.params.cond_stage_config.target="
+                                    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                    "model.params.cond_stage_config.params={arch: ldm-interop-tiny, layer: penultimate,"
+                                    " pretrained: false}"])
+    model = S.load_model(cfg_path, ckpt)
+    root = export_diffusers(model, S.load_config(cfg_path), tmp_path / "d")
+    pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True)
+    assert pipe.text_encoder.config.num_hidden_layers == 2
+    prompts = ["a small house", "snow"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, open_clip.tokenize(prompts))
+    c = model.get_learned_conditioning(prompts)
+    diff = (pipe.text_encoder(ids)[0] - c).abs().max().item()
+    _report("sd2-oc", "OpenCLIP text encoder", diff)
+    assert diff < TOL
+    config, sd = import_diffusers(root)
+    assert config["model"]["params"]["cond_stage_config"]["target"].endswith("FrozenOpenCLIPEmbedder")
+    _assert_same_state_dict(model.state_dict(), sd)
+    assert OmegaConf.create(config).model.params.cond_stage_config.params.layer == "penultimate"

@@ -30,6 +30,8 @@ from ldm.interop.unet import diffusers_unet_config, unet_params_from_diffusers, 
 log = logging.getLogger(__name__)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LDM_CONFIG = "ldm_config.yaml"
+EXTRA = "ldm_extra.safetensors"     # our weights without a diffusers place, under our keys
+INDEX_COND = "_ldm_cond_stage"      # our text encoder's {target, params} (diffusers ignores "_" keys)
 UNET = "model.diffusion_model."
 FIRST = "first_stage_model."
 COND = "cond_stage_model."
@@ -147,12 +149,17 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
                       "class_embedder": [PIPELINE_MODULE, "ClassEmbedding"]})
         return root
     from ldm.interop.text import save_text_encoder
-    save_text_encoder(cond, {k[len(COND):]: v for k, v in _sub(sd, COND).items()}, root, dtype)
+    arch = ((model_cfg.get("params", {}).get("cond_stage_config") or {}).get("params") or {}).get("arch", "ViT-H-14")
+    extras, cond_cfg = save_text_encoder(cond, {k[len(COND):]: v for k, v in _sub(sd, COND).items()}, root, dtype,
+                                         arch)
+    if extras:   # weights diffusers has no place for (OpenCLIP's unused last block, projection)
+        from safetensors.torch import save_file
+        save_file({COND + k: v.contiguous() for k, v in extras.items()}, str(root / EXTRA))
     _write_index(root, "StableDiffusionPipeline",
                  {"vae": ["diffusers", vkind], "text_encoder": ["transformers", "CLIPTextModel"],
                   "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", ukind], "scheduler": sched,
                   "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]},
-                 {"requires_safety_checker": False})
+                 {"requires_safety_checker": False, INDEX_COND: cond_cfg})
     return root
 
 
@@ -236,7 +243,12 @@ def derive_config(root: Path, text_dir: Optional[Path] = None) -> dict[str, Any]
                                               "params": unet_p},
                               "first_stage_config": first}
     cls = index["_class_name"]
-    if (root / "text_encoder").is_dir():
+    cond_cfg = index.get(INDEX_COND) or {}
+    if (root / "text_encoder").is_dir() and cond_cfg.get("target", "").endswith("FrozenOpenCLIPEmbedder"):
+        params.update(cond_stage_key="txt", conditioning_key="crossattn", cond_stage_trainable=False,
+                      cond_stage_config={"target": cond_cfg["target"],
+                                         "params": {**cond_cfg.get("params", {}), "pretrained": False}})
+    elif (root / "text_encoder").is_dir():
         from ldm.interop.text import text_encoder_config_dir
         tdir = text_encoder_config_dir(root, text_dir or root / "text_encoder")
         params.update(cond_stage_key="txt", conditioning_key="crossattn", cond_stage_trainable=False,
@@ -300,9 +312,18 @@ def _our_state_dict(root: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     vname = "vqvae" if (root / "vqvae").is_dir() else "vae"
     _, _, vsd = _read_model(root / vname)
     sd.update(to_ours(first_stage_rules(model.first_stage_model, FIRST), vsd, "first stage"))
-    if (root / "text_encoder").is_dir():
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    if (root / "text_encoder").is_dir() and isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder):
+        from ldm.interop.text import TEXT_PREFIX, clip_text_to_openclip, load_text_encoder_weights
+        text = {k[len(TEXT_PREFIX):]: v for k, v in load_text_encoder_weights(root).items()}
+        layers = len(model.cond_stage_model.model.transformer.resblocks) - model.cond_stage_model.layer_idx
+        sd.update({COND + k: v for k, v in clip_text_to_openclip(text, layers).items()})
+    elif (root / "text_encoder").is_dir():
         from ldm.interop.text import load_text_encoder_weights
         sd.update({COND + k: v for k, v in load_text_encoder_weights(root).items()})
+    if (root / EXTRA).is_file():
+        from safetensors.torch import load_file
+        sd.update(load_file(str(root / EXTRA)))
     elif (root / "class_embedder").is_dir():
         _, _, csd = _read_model(root / "class_embedder")
         sd[COND + "embedding.weight"] = csd["embedding.weight"]
