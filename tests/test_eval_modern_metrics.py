@@ -156,20 +156,22 @@ def test_missing_weights_fail_before_any_sample(tmp_path, monkeypatch):
 def test_json_records_network_and_hash_per_metric(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\na blue square\n")
-    s = _settings(tmp_path, metrics=["fid", "fd_dinov2", "cmmd", "clip_score"], random_inception=True,
+    s = _settings(tmp_path, metrics=["fid", "sfid", "fd_dinov2", "cmmd", "clip_score"], random_inception=True,
                   random_features=True, dinov2_arch=TINY_VIT, clip_arch=TINY_CLIP, clip_prompts=str(prompts))
     res = run_generative(s, sample_fn=_fake, shape=(3, 8, 8), protocol={"sampler": "fake"})
     m = res["metrics"]
-    assert np.isfinite([m["fid"], m["fd_dinov2"], m["cmmd"], m["clip_score"]]).all() and m["cmmd"] > 0
+    assert np.isfinite([m["fid"], m["sfid"], m["fd_dinov2"], m["cmmd"], m["clip_score"]]).all() and m["cmmd"] > 0
+    assert m["sfid"] != m["fid"]
     saved = json.loads((tmp_path / "s" / "eval_results.json").read_text())
     nets = saved["protocol"]["feature_networks"]
     assert nets["fd_dinov2"]["network"].startswith("DINOv2") and nets["cmmd"]["network"].startswith("open_clip")
     assert nets["fid"]["weights"] == "RANDOM" and nets["clip_score"]["weights"] == "RANDOM"
+    assert "mixed_6/conv" in nets["sfid"]["layer"]
     out = capsys.readouterr().out
     assert "| toy [RANDOM-WEIGHT networks: not comparable] |" in out and "FD-DINOv2" in out
     # second run: the reference features come from the per-split cache
     caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(caches) == 3   # one per feature network
+    assert len(caches) == 4   # one per feature network (Inception pool / spatial, DINOv2, CLIP)
     res2 = run_generative(_settings(tmp_path, **{**s.__dict__, "skip_sampling": True}))
     assert res2["metrics"]["cmmd"] == m["cmmd"]
 
@@ -196,3 +198,18 @@ def test_autoencoder_json_from_a_config_with_a_data_section(tmp_path, capsys):
     assert saved["dataset"]["config"]["params"]["validation"]["target"].endswith("TinyData")
     assert "| toy [RANDOM-WEIGHT networks: not comparable] |" in capsys.readouterr().out
     assert res["json_path"]
+
+
+def test_sfid_features_are_mixed6_branch1x1_first_7_channels():
+    from ldm.eval.features import SPATIAL, InceptionFeatures, InceptionSpatialFeatures
+    net = InceptionSpatialFeatures(random_weights=True)
+    x = torch.from_numpy(_images(3, 7)).permute(0, 3, 1, 2).contiguous()
+    f = net(x)[SPATIAL]
+    assert f.shape == (3, 17 * 17 * 7)
+    grabbed = []
+    base = InceptionFeatures(random_weights=True).model
+    h = base.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: grabbed.append(o))
+    with torch.no_grad():
+        base(x)
+    h.remove()
+    assert np.allclose(grabbed[0][:, :7].permute(0, 2, 3, 1).reshape(3, -1).double().numpy(), f)

@@ -27,12 +27,12 @@ from ldm.eval.sample_for_eval import (SampleFn, SamplerSettings, SamplingPlan, d
                                       latent_shape, load_ldm, make_ldm_sample_fn, model_class_info, read_samples)
 
 logger = logging.getLogger(__name__)
-GENERATIVE_METRICS = ("fid", "is", "kid", "pr", "fd_dinov2", "cmmd", "clip_score")
+GENERATIVE_METRICS = ("fid", "is", "kid", "pr", "sfid", "fd_dinov2", "cmmd", "clip_score")
 DEFAULT_GENERATIVE_METRICS = ("fid", "is", "kid", "pr")
 INCEPTION_METRICS = ("fid", "is", "kid", "pr")
 # metric -> the feature network (key of `build_feature_nets`) its number is computed on
 METRIC_NETWORK = {"fid": "inception", "is": "inception", "kid": "inception", "pr": "inception",
-                  "rfid": "inception", "ris": "inception", "fd_dinov2": "dinov2", "cmmd": "clip", "clip_score": "clip"}
+                  "rfid": "inception", "ris": "inception", "sfid": "inception_spatial", "fd_dinov2": "dinov2", "cmmd": "clip", "clip_score": "clip"}
 AUTOENCODER_METRICS = ("rfid", "ris", "psnr", "ssim", "psim")
 
 
@@ -125,6 +125,9 @@ def build_feature_nets(s: EvalSettings, metrics: Sequence[str], device: torch.de
     wanted = {METRIC_NETWORK[m] for m in metrics}
     if "inception" in wanted:
         nets["inception"] = InceptionFeatures(s.inception_weights, s.random_inception, device)
+    if "inception_spatial" in wanted:
+        from ldm.eval.features import InceptionSpatialFeatures
+        nets["inception_spatial"] = InceptionSpatialFeatures(s.inception_weights, s.random_inception, device)
     if "dinov2" in wanted:
         nets["dinov2"] = DinoV2Features(s.dinov2_weights, s.random_features, device, arch=s.dinov2_arch)
     if "clip" in wanted:
@@ -161,6 +164,10 @@ def generative_metrics(gen: dict[str, dict[str, np.ndarray]], ref: dict[str, Ref
                                              s.kid_subset_size))
     if "pr" in metrics:
         out.update(precision_recall(ref["inception"].features, gen["inception"][POOL], k=s.pr_k, device=device))
+    if "sfid" in metrics:
+        from ldm.eval.features import SPATIAL
+        sp = ref["inception_spatial"]
+        out["sfid"] = fid_features_vs_stats(gen["inception_spatial"][SPATIAL], sp.mu, sp.sigma)
     if "fd_dinov2" in metrics:
         d = ref["dinov2"]
         out["fd_dinov2"] = fid_features_vs_stats(gen["dinov2"]["dinov2"], d.mu, d.sigma)
@@ -355,10 +362,10 @@ def _result(s: EvalSettings, task: str, metrics: dict, nets: Any, ref: Optional[
         nets = {"inception": nets}
     nets = nets or {}
     warnings = []
-    if s.random_inception and "inception" in nets:
+    if s.random_inception and ("inception" in nets or "inception_spatial" in nets):
         warnings.append(RANDOM_WEIGHTS_NOTE)
     warnings += [net.provenance["note"] for name, net in nets.items()
-                 if name != "inception" and "note" in net.provenance]
+                 if not name.startswith("inception") and "note" in net.provenance]
     protocol = {k: v for k, v in asdict(s).items() if k not in ("paper", "uncertain", "row", "progress")}
     protocol["features"] = nets["inception"].provenance if "inception" in nets else None
     protocol["feature_networks"] = {m: nets[METRIC_NETWORK[m]].provenance for m in s.metrics

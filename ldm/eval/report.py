@@ -16,7 +16,7 @@ import numpy as np
 
 # column name -> (key in metrics, format, higher is better)
 GENERATIVE_COLUMNS = [("FID", "fid", "{:.2f}"), ("IS", "is_mean", "{:.2f}"), ("KID", "kid_mean", "{:.4f}"),
-                      ("Prec.", "precision", "{:.2f}"), ("Recall", "recall", "{:.2f}"),
+                      ("Prec.", "precision", "{:.2f}"), ("Recall", "recall", "{:.2f}"), ("sFID", "sfid", "{:.2f}"),
                       ("FD-DINOv2", "fd_dinov2", "{:.2f}"), ("CMMD", "cmmd", "{:.3f}"),
                       ("CLIP score", "clip_score", "{:.2f}")]
 AUTOENCODER_COLUMNS = [("rFID", "rfid", "{:.2f}"), ("R-IS", "ris_mean", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
