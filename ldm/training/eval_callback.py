@@ -192,8 +192,11 @@ class EvalCallback(pl.Callback):
             images = np.concatenate([g for g in gathered if g is not None and len(g)]) if rank == 0 else None
         if rank != 0:
             return None
-        if not self.reference:
+        t_ref = 0.0
+        if not self.reference:   # once per run: not part of the per-call cost
+            t1 = time.perf_counter()
             self.reference = self._features(self._reference_images(trainer))
+            t_ref = time.perf_counter() - t1
         feats = self._features(images)
         m: dict[str, float] = {}
         if "fid" in self.metrics:
@@ -209,8 +212,10 @@ class EvalCallback(pl.Callback):
             texts = self.nets["clip"].text([self.prompts[i % len(self.prompts)] for i in range(len(images))])
             m["clip_score"] = clip_score(feats["clip"], texts)["clip_score"]
         m = {f"eval/{k}": float(v) for k, v in m.items()}
-        m["eval/seconds"] = time.perf_counter() - t0
+        m["eval/seconds"] = time.perf_counter() - t0 - t_ref
         m["eval/sampling_seconds"] = t_sample
+        if t_ref:
+            m["eval/reference_seconds"] = t_ref
         self._log(trainer, m, images)
         self.history.append({"step": trainer.global_step, **m})
         log.info("EvalCallback step %d: %s", trainer.global_step, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
@@ -226,10 +231,12 @@ class EvalCallback(pl.Callback):
                 grid = torchvision.utils.make_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2),
                                                    nrow=int(np.ceil(np.sqrt(min(len(images), 64)))))
                 exp.add_image("eval/samples", grid, step)
-            if not self.history and hasattr(exp, "add_text"):
+            if hasattr(exp, "add_text"):
                 cost = (f"{self.n_samples} samples x {self.ddim_steps} DDIM steps"
                         f"{' x 2 (guidance)' if self.guidance_scale != 1.0 else ''}; networks {list(self.nets)}"
-                        f"{' (RANDOM weights)' if self.random_weights else ''}; {m['eval/seconds']:.1f} s per call")
+                        f"{' (RANDOM weights)' if self.random_weights else ''}; {m['eval/seconds']:.1f} s this call"
+                        + (f" (+ {m['eval/reference_seconds']:.1f} s once for {self.n_reference} reference images)"
+                           if "eval/reference_seconds" in m else ""))
                 exp.add_text("eval/cost", cost, step)
 
     # ---- hooks ----
