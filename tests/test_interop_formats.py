@@ -18,9 +18,12 @@ def test_formats_and_prune(tmp_path, capsys):
     from ldm import scripting as S
     from ldm.checkpoint import load_state_dict_file
     ckpt = tmp_path / "m.ckpt"
-    cfg = make_tiny(ROOT / "configs/ldm/celebahq.yaml", [ckpt], config_out=tmp_path / "m.yaml")
+    # scale_by_std: the measured scale_factor is a buffer, carried as the VAE's scaling_factor
+    cfg = make_tiny(ROOT / "configs/ldm/celebahq.yaml", [ckpt], config_out=tmp_path / "m.yaml",
+                    overrides=["model.params.scale_by_std=true"])
     obj = torch.load(ckpt, weights_only=True)
     sd = obj["state_dict"]
+    sd["scale_factor"] = torch.tensor(0.8431)
     # give the EMA shadows their own values, and pretend a training run saved optimizer states
     ema = {k: v + 1 for k, v in sd.items() if k.startswith("model_ema.") and v.is_floating_point() and v.ndim}
     sd.update(ema)
@@ -53,6 +56,7 @@ def test_formats_and_prune(tmp_path, capsys):
     folder = convert.main(["to-diffusers", "--config", str(tmp_path / "noema.yaml"), "--ckpt", str(dropped),
                            "--out", str(tmp_path / "folder")])
     b = S.load_model(tmp_path / "noema.yaml", folder)
+    assert float(b.scale_factor) == float(torch.tensor(0.8431)) and "scale_factor" in b.state_dict()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     half = convert.main(["to-diffusers", "--config", str(tmp_path / "noema.yaml"), "--ckpt", str(dropped),
                          "--out", str(tmp_path / "folder16"), "--dtype", "fp16"])

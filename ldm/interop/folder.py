@@ -32,6 +32,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 LDM_CONFIG = "ldm_config.yaml"
 EXTRA = "ldm_extra.safetensors"     # our weights without a diffusers place, under our keys
 INDEX_COND = "_ldm_cond_stage"      # our text encoder's {target, params} (diffusers ignores "_" keys)
+INDEX_SCALE_BY_STD = "_ldm_scale_by_std"   # scale_factor was measured (a buffer): keep it one on import
 UNET = "model.diffusion_model."
 FIRST = "first_stage_model."
 COND = "cond_stage_model."
@@ -94,6 +95,7 @@ def _weights(model: torch.nn.Module, use_ema: bool) -> dict[str, torch.Tensor]:
 def _write_index(root: Path, class_name: str, parts: dict[str, Any], extra: Optional[dict] = None) -> None:
     import diffusers
     index = {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **parts, **(extra or {})}
+
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -114,6 +116,7 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
         sd = {k: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PARTS)}
         _save_vae_root(root, kind, cfg, to_theirs(first_stage_rules(model), sd, "first stage"), dtype)
         return root
+    flags = {INDEX_SCALE_BY_STD: True} if getattr(model, "scale_by_std", False) else {}
     unet = model.model.diffusion_model
     ukind, ucfg = diffusers_unet_config(unet)
     _save_model(root, "unet", ukind, ucfg, to_theirs(unet_rules(unet, UNET), _sub(sd, UNET), "unet"), dtype)
@@ -131,10 +134,10 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
         if ukind == "UNet2DModel" and unet.num_classes is not None:
             _write_index(root, "LDMClassConditionalPipeline",
                          {"vqvae": ["diffusers", vkind], "unet": ["diffusers", ukind], "scheduler": sched,
-                          "class_embedder": [None, None]})
+                          "class_embedder": [None, None]}, flags)
         else:
             _write_index(root, "LDMPipeline", {"vqvae": ["diffusers", vkind], "unet": ["diffusers", ukind],
-                                               "scheduler": sched})
+                                               "scheduler": sched}, flags)
         return root
     if ckey != "crossattn":
         raise InteropError(f"conditioning_key {ckey!r}: only cross-attention (text / class) models and "
@@ -146,7 +149,7 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
                     {"num_classes": emb.shape[0], "embed_dim": emb.shape[1]}, {"embedding.weight": emb}, dtype)
         _write_index(root, "LDMClassConditionalPipeline",
                      {"vqvae": ["diffusers", vkind], "unet": ["diffusers", ukind], "scheduler": sched,
-                      "class_embedder": [PIPELINE_MODULE, "ClassEmbedding"]})
+                      "class_embedder": [PIPELINE_MODULE, "ClassEmbedding"]}, flags)
         return root
     from ldm.interop.text import save_text_encoder
     arch = ((model_cfg.get("params", {}).get("cond_stage_config") or {}).get("params") or {}).get("arch", "ViT-H-14")
@@ -159,7 +162,7 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
                  {"vae": ["diffusers", vkind], "text_encoder": ["transformers", "CLIPTextModel"],
                   "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", ukind], "scheduler": sched,
                   "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]},
-                 {"requires_safety_checker": False, INDEX_COND: cond_cfg})
+                 {"requires_safety_checker": False, INDEX_COND: cond_cfg, **flags})
     return root
 
 
@@ -243,6 +246,8 @@ def derive_config(root: Path, text_dir: Optional[Path] = None) -> dict[str, Any]
                                               "params": unet_p},
                               "first_stage_config": first}
     cls = index["_class_name"]
+    if index.get(INDEX_SCALE_BY_STD):
+        params["scale_by_std"] = True   # its buffer starts at scale_factor = the VAE's scaling_factor
     cond_cfg = index.get(INDEX_COND) or {}
     if (root / "text_encoder").is_dir() and cond_cfg.get("target", "").endswith("FrozenOpenCLIPEmbedder"):
         params.update(cond_stage_key="txt", conditioning_key="crossattn", cond_stage_trainable=False,
