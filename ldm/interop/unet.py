@@ -124,9 +124,9 @@ def _cond_config(unet, levels, attn, mid_attn, resample, common) -> dict[str, An
     heads, depth, only_cross, ctx, linear = [], [], [], set(), set()
     mid_heads = _heads_of(mid_attn)[0]
     for i, (lv, a) in enumerate(zip(levels, attn)):
-        if a is None:
-            heads.append(mid_heads)  # unused by attention-free blocks (the last level's is the middle's)
-            depth.append(1)
+        if a is None:   # values unused by attention-free blocks, but the last level's are the middle's
+            heads.append(mid_heads)
+            depth.append(len(mid_attn.transformer_blocks))
             only_cross.append(False)
             continue
         h, d = _heads_of(a[0])
@@ -145,6 +145,8 @@ def _cond_config(unet, levels, attn, mid_attn, resample, common) -> dict[str, An
     h, d = _heads_of(mid_attn)
     if h != heads[-1] or h * d != levels[-1]["ch"]:
         raise InteropError("middle block heads differ from the last level's; no diffusers counterpart")
+    if len(mid_attn.transformer_blocks) != depth[-1]:
+        raise InteropError("middle block transformer depth differs from the last level's; diffusers uses one")
     ctx.add(mid_attn.transformer_blocks[0].attn2.to_k.in_features)
     linear.add(bool(mid_attn.use_linear))
     if len(ctx) != 1 or len(linear) != 1:
@@ -234,14 +236,13 @@ def unet_rules(unet: UNetModel, prefix: str = "") -> list[Rule]:
     elif unet.num_classes is not None:
         rules += module_rules(unet.label_emb, p + "label_emb.", "class_embedding.",
                               {"0.0": "linear_1", "0.2": "linear_2"})
-    attn_name = "attentions"
     n = len(unet.channel_mult)
     for i, lv in enumerate(_level_layout(unet)):
         for j, (idx, layers) in enumerate(lv["down"]):
             rules += module_rules(layers[0], f"{p}input_blocks.{idx}.0.", f"down_blocks.{i}.resnets.{j}.",
                                   RESBLOCK_NAMES)
             if len(layers) > 1:
-                rules += _attention_rules(layers[1], f"{p}input_blocks.{idx}.1.", f"down_blocks.{i}.{attn_name}.{j}.")
+                rules += _attention_rules(layers[1], f"{p}input_blocks.{idx}.1.", f"down_blocks.{i}.attentions.{j}.")
         if lv["downsampler"]:
             idx, m = lv["downsampler"]
             rules += _resampler_rules(m, f"{p}input_blocks.{idx}.0.", f"down_blocks.{i}.downsamplers.0.")
@@ -252,7 +253,7 @@ def unet_rules(unet: UNetModel, prefix: str = "") -> list[Rule]:
             pos = 1
             if len(layers) > pos and isinstance(layers[pos], (SpatialTransformer, AttentionBlock)):
                 rules += _attention_rules(layers[pos], f"{p}output_blocks.{idx}.{pos}.",
-                                          f"up_blocks.{u}.{attn_name}.{j}.")
+                                          f"up_blocks.{u}.attentions.{j}.")
                 pos += 1
             if len(layers) > pos:
                 rules += _resampler_rules(layers[pos], f"{p}output_blocks.{idx}.{pos}.", f"up_blocks.{u}.upsamplers.0.")
