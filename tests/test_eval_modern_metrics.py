@@ -33,10 +33,10 @@ def test_fd_dinov2_self_zero_and_equals_direct_computation():
     assert a.shape == (40, 32)
     # the extractor = the ViT on TF-bilinear 224 px, ImageNet-normalised inputs
     from ldm.eval.feature_nets import IMAGENET_MEAN, IMAGENET_STD, resize_normalise
-    x = torch.from_numpy(_images(40, 0)).permute(0, 3, 1, 2)
+    x = torch.from_numpy(_images(40, 0)[:6]).permute(0, 3, 1, 2)
     with torch.no_grad():
         direct = net.model(resize_normalise(x, 224, IMAGENET_MEAN, IMAGENET_STD)).double().numpy()
-    assert np.abs(direct - a).max() < 1e-6
+    assert np.abs(direct - a[:6]).max() < 1e-5
     assert abs(fd_from_features(a, a)) < 1e-8
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -156,22 +156,21 @@ def test_missing_weights_fail_before_any_sample(tmp_path, monkeypatch):
 def test_json_records_network_and_hash_per_metric(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\na blue square\n")
-    s = _settings(tmp_path, metrics=["fid", "sfid", "fd_dinov2", "cmmd", "clip_score"], random_inception=True,
+    s = _settings(tmp_path, metrics=["sfid", "fd_dinov2", "cmmd", "clip_score"], n=6, random_inception=True,
                   random_features=True, dinov2_arch=TINY_VIT, clip_arch=TINY_CLIP, clip_prompts=str(prompts))
     res = run_generative(s, sample_fn=_fake, shape=(3, 8, 8), protocol={"sampler": "fake"})
     m = res["metrics"]
-    assert np.isfinite([m["fid"], m["sfid"], m["fd_dinov2"], m["cmmd"], m["clip_score"]]).all() and m["cmmd"] > 0
-    assert m["sfid"] != m["fid"]
+    assert np.isfinite([m["sfid"], m["fd_dinov2"], m["cmmd"], m["clip_score"]]).all() and m["cmmd"] > 0
     saved = json.loads((tmp_path / "s" / "eval_results.json").read_text())
     nets = saved["protocol"]["feature_networks"]
     assert nets["fd_dinov2"]["network"].startswith("DINOv2") and nets["cmmd"]["network"].startswith("open_clip")
-    assert nets["fid"]["weights"] == "RANDOM" and nets["clip_score"]["weights"] == "RANDOM"
+    assert nets["sfid"]["weights"] == "RANDOM" and nets["clip_score"]["weights"] == "RANDOM"
     assert "mixed_6/conv" in nets["sfid"]["layer"]
     out = capsys.readouterr().out
     assert "| toy [RANDOM-WEIGHT networks: not comparable] |" in out and "FD-DINOv2" in out
     # second run: the reference features come from the per-split cache
     caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(caches) == 4   # one per feature network (Inception pool / spatial, DINOv2, CLIP)
+    assert len(caches) == 3   # one per feature network (Inception spatial, DINOv2, CLIP)
     res2 = run_generative(_settings(tmp_path, **{**s.__dict__, "skip_sampling": True}))
     assert res2["metrics"]["cmmd"] == m["cmmd"]
 
@@ -191,13 +190,12 @@ def test_autoencoder_json_from_a_config_with_a_data_section(tmp_path, capsys):
     OmegaConf.save({"model": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {}},
                     "data": {"target": "x", "params": {"validation": DATA}}}, cfg)
     s = _settings(tmp_path, task="autoencoder", config=str(cfg), reference_data=None, split="validation",
-                  metrics=["rfid", "psnr"], random_inception=True, n=None)
+                  metrics=["psnr", "ssim"], n=None)
     res = run_autoencoder(s, model=Shift())
     saved = json.loads((tmp_path / "s" / "eval_results.json").read_text())
     assert 30 < saved["metrics"]["psnr"]["mean"] < 40   # +4 grey levels, clipped at 255
     assert saved["dataset"]["config"]["params"]["validation"]["target"].endswith("TinyData")
-    assert "| toy [RANDOM-WEIGHT networks: not comparable] |" in capsys.readouterr().out
-    assert res["json_path"]
+    assert "| toy | 3" in capsys.readouterr().out and res["json_path"]
 
 
 def test_sfid_features_are_mixed6_branch1x1_first_7_channels():
