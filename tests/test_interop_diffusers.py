@@ -294,3 +294,11 @@ def test_zoo_unet_variants_match_and_round_trip(name):
         assert not back.middle_block[1].attention.__class__.__name__.endswith("QKVAttention")
     else:
         _assert_same_state_dict(ours.state_dict(), sd)
+
+
+def test_stored_config_import_loads_strictly(exported, tmp_path):
+    """--stored-config: our exports carry ldm_config.yaml (EMA off: the folder holds one set of weights)."""
+    cfg, model, root, tmp = exported["cin"]
+    config, sd = import_diffusers(root, use_stored_config=True)
+    assert config["model"]["params"]["use_ema"] is False
+    _assert_same_state_dict(model.state_dict(), sd)

@@ -107,8 +107,11 @@ def export_diffusers(model: torch.nn.Module, config: Any, out_dir: str | Path, *
     root.mkdir(parents=True, exist_ok=True)
     model_cfg = config["model"] if "model" in config else config
     sd = _weights(model, use_ema)
-    OmegaConf.save(OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True)}),
-                   root / LDM_CONFIG)
+    stored = OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True)
+    if "use_ema" in stored.get("params", {}) or hasattr(model, "model_ema"):
+        stored.setdefault("params", {})["use_ema"] = False   # the folder holds one set of weights
+    _no_ckpt(stored)
+    OmegaConf.save(OmegaConf.create({"model": stored}), root / LDM_CONFIG)
     if not hasattr(model, "first_stage_model"):
         if not hasattr(model, "encoder"):
             raise InteropError(f"{type(model).__name__}: neither a latent diffusion model nor an autoencoder")
