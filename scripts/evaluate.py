@@ -128,6 +128,15 @@ def settings_from_args(argv: list[str] | None = None) -> EvalSettings | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldm.eval.feature_nets import FeatureWeightsNotFound
+    from ldm.eval.features import InceptionWeightsNotFound
+    try:
+        return _main(argv)
+    except (FeatureWeightsNotFound, InceptionWeightsNotFound) as e:   # raised before any sampling
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv: list[str] | None = None) -> int:
     s = settings_from_args(argv)
     if s is None:
         return 0

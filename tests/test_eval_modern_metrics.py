@@ -211,3 +211,17 @@ def test_sfid_features_are_mixed6_branch1x1_first_7_channels():
         base(x)
     h.remove()
     assert np.allclose(grabbed[0][:, :7].permute(0, 2, 3, 1).reshape(3, -1).double().numpy(), f)
+
+
+def test_cli_missing_dinov2_weights_is_one_message_before_the_model_loads(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import evaluate
+    monkeypatch.delenv("LDM_DINOV2_WEIGHTS", raising=False)
+    # the checkpoint does not even exist: the weights check comes first
+    with pytest.raises(SystemExit, match="dinov2_vitl14_pretrain.pth") as e:
+        evaluate.main(["--config", "configs/ldm/celebahq.yaml", "--ckpt", str(tmp_path / "none.ckpt"), "--n", "4",
+                       "--metrics", "fd_dinov2", "--dinov2-weights", str(tmp_path / "missing.pth"),
+                       "--outdir", str(tmp_path / "o"), "--device", "cpu"])
+    assert "given explicitly" in str(e.value) and not (tmp_path / "o").exists()

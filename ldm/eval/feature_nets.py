@@ -46,7 +46,8 @@ class FeatureWeightsNotFound(FileNotFoundError):
 def _find(explicit: Optional[str], env: str, filename: str, what: str, url: str, flag: str) -> Path:
     cands = [Path(p).expanduser() for p in (explicit, os.environ.get(env)) if p]
     if explicit and not cands[0].is_file():
-        raise FeatureWeightsNotFound(f"{what} weights file '{explicit}' (given explicitly) does not exist.")
+        raise FeatureWeightsNotFound(f"{what} weights file '{explicit}' (given explicitly) does not exist; "
+                                     f"expected '{filename}' (from {url}).")
     cands.append(Path(torch.hub.get_dir()) / "checkpoints" / filename)
     for p in cands:
         if p.is_file():
