@@ -302,3 +302,28 @@ def test_stored_config_import_loads_strictly(exported, tmp_path):
     config, sd = import_diffusers(root, use_stored_config=True)
     assert config["model"]["params"]["use_ema"] is False
     _assert_same_state_dict(model.state_dict(), sd)
+
+
+@pytest.mark.parametrize("config, kind, heads", [
+    ("configs/stable-diffusion/v1-inference.yaml", "UNet2DConditionModel", 8),
+    ("configs/stable-diffusion/v2-inference-v.yaml", "UNet2DConditionModel", [5, 10, 20, 20]),
+    ("configs/ldm/celebahq.yaml", "UNet2DModel", 32),          # = CompVis/ldm-celebahq-256's config
+    ("configs/ldm/cin256.yaml", "UNet2DConditionModel", 1),
+])
+def test_released_size_unets_map_onto_diffusers_configs(config, kind, heads):
+    """Full-size UNets on the meta device (no memory): the config diffusers' own SD / LDM folders
+    have, and a key map covering exactly diffusers' state dict."""
+    from omegaconf import OmegaConf
+
+    from ldm.interop.unet import diffusers_unet_config, unet_rules
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    p = OmegaConf.to_container(OmegaConf.load(ROOT / config).model.params.unet_config.params)
+    with torch.device("meta"):
+        ours = UNetModel(**p)
+    got_kind, cfg = diffusers_unet_config(ours)
+    assert got_kind == kind and cfg["attention_head_dim"] == heads
+    with torch.device("meta"):
+        theirs = getattr(diffusers, kind)(**cfg)
+    rules = unet_rules(ours)
+    assert {k for r in rules for k in r.theirs} == set(theirs.state_dict())
+    assert {k for r in rules for k in r.ours} == set(ours.state_dict())
