@@ -60,7 +60,6 @@ def to_diffusers(opt: argparse.Namespace) -> Path:
 def from_diffusers(opt: argparse.Namespace) -> tuple[Path, Path]:
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import save_safetensors
     from ldm.interop import import_diffusers
     cfg_out, ckpt_out = Path(opt.config), Path(opt.ckpt)
     text_dir = cfg_out.parent / f"{cfg_out.stem}_text_encoder"

@@ -149,7 +149,7 @@ def generative_metrics(gen: dict[str, dict[str, np.ndarray]], ref: dict[str, Ref
                        metrics: Sequence[str], s: EvalSettings, device: torch.device,
                        nets: Optional[dict[str, Any]] = None, prompts: Optional[list[str]] = None) -> dict[str, Any]:
     """Metrics from sample features `gen[net][layer]` and reference statistics `ref[net]`."""
-    from ldm.eval.modern_metrics import clip_score, cmmd, fid_from_features
+    from ldm.eval.modern_metrics import clip_score, cmmd
     first = next(iter(gen.values()))
     first_ref = next(iter(ref.values())) if ref else None
     out: dict[str, Any] = {"n_samples": len(next(iter(first.values())))}

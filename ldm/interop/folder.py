@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ldm.interop.autoencoder import (FIRST_STAGE_PARTS, diffusers_vae_config, first_stage_config_from_diffusers,
-                                     first_stage_rules, is_vq)
+                                     first_stage_rules)
 from ldm.interop.keymap import InteropError, to_ours, to_theirs
 from ldm.interop.unet import diffusers_unet_config, unet_params_from_diffusers, unet_rules
 
