@@ -217,7 +217,10 @@ def _read_checkpoint(path: Path, *, unsafe_pickle: bool = False) -> Any:
 
 
 def load_state_dict_file(path: PathLike, *, unsafe_pickle: bool = False) -> dict[str, Tensor]:
-    """A flat {key: tensor} from a weight file; Lightning checkpoints are unwrapped (`state_dict`)."""
+    """A flat {key: tensor} from a weight file; Lightning checkpoints are unwrapped (`state_dict`).
+    A diffusers folder is converted to our keys (see `state_dict_from_diffusers_folder`)."""
+    if Path(path).is_dir():
+        return state_dict_from_diffusers_folder(path)
     obj = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         if "global_step" in obj:
@@ -389,3 +392,24 @@ def load_model_from_config(config: Any, ckpt: Optional[PathLike], *, strict: boo
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint formats: a diffusers folder wherever a .ckpt / .safetensors is accepted
+# ----------------------------------------------------------------------------------------
+def is_diffusers_folder(path: PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "model_index.json").is_file() or (p / "config.json").is_file())
+
+
+def state_dict_from_diffusers_folder(path: PathLike) -> dict[str, Tensor]:
+    """Our state dict for a diffusers folder (ldm.interop); `load_into` then checks it against
+    the config's model as for any checkpoint (the EMA shadows of a use_ema config are absent)."""
+    if not is_diffusers_folder(path):
+        raise CheckpointError(f"'{path}' is a directory but not a diffusers folder (no model_index.json / "
+                              f"config.json); give a .ckpt / .safetensors file or a diffusers folder")
+    from ldm.interop import InteropError, import_diffusers
+    try:
+        return import_diffusers(path)[1]
+    except InteropError as e:
+        raise CheckpointError(f"'{path}': {e}") from e

@@ -147,7 +147,7 @@ def require_file(path: Optional[PathLike], what: str, hint: str = "") -> Path:
     if path is None:
         fail(f"no {what} given{hint}")
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() and not (what == "checkpoint" and p.is_dir()):   # a diffusers folder is a checkpoint too
         fail(f"{what} not found: '{p}'{hint}")
     return p
 

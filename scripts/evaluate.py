@@ -9,6 +9,11 @@ PSNR / SSIM / PSIM of an autoencoder's reconstructions. A thin CLI over `ldm.eva
       # (under torchrun write --num-samples, not --n, which torchrun takes for one of its own options)
   # autoencoder zoo row
   python scripts/evaluate.py --preset vq-f4 --ckpt K --outdir D
+  # the metrics papers report now, beside FID (weights read from local files, checked before sampling)
+  python scripts/evaluate.py --config C --ckpt K --n 10000 --metrics fid,fd_dinov2,cmmd \
+      --dinov2-weights dinov2_vitl14_pretrain.pth --clip-weights open_clip_pytorch_model.bin --outdir D
+  python scripts/evaluate.py --skip-sampling --outdir SAMPLES --metrics clip_score --clip-prompts prompts.txt \
+      --clip-weights open_clip_pytorch_model.bin --ref-dir REF
   # offline smoke test (numbers meaningless, flagged as such)
   python scripts/evaluate.py --config C --ckpt K --n 16 --random-inception --outdir /tmp/x
 
@@ -65,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--inception-weights", help="Inception .pth (else $LDM_INCEPTION_WEIGHTS / torch hub cache)")
     r.add_argument("--random-inception", action="store_true", default=None,
                    help="RANDOM-weight Inception for offline smoke tests (numbers not comparable)")
+    r.add_argument("--dinov2-weights", help=f"DINOv2 ViT-L/14 dinov2_vitl14_pretrain.pth for fd_dinov2 "
+                   "(else $LDM_DINOV2_WEIGHTS / torch hub cache)")
+    r.add_argument("--clip-weights", help="open_clip ViT-L-14-336 (openai) checkpoint for cmmd / clip_score "
+                   "(else $LDM_CLIP_WEIGHTS / torch hub cache)")
+    r.add_argument("--clip-prompts", help="clip_score: text file, line i = the caption of sample i")
+    r.add_argument("--random-features", action="store_true", default=None,
+                   help="RANDOM-weight DINOv2 / CLIP for offline smoke tests (numbers not comparable)")
     r.add_argument("--random-lpips", action="store_true", default=None,
                    help="RANDOM-weight LPIPS for offline smoke tests (numbers not comparable)")
     r.add_argument("--kid-subsets", type=int)
@@ -117,6 +129,15 @@ def settings_from_args(argv: list[str] | None = None) -> EvalSettings | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldm.eval.feature_nets import FeatureWeightsNotFound
+    from ldm.eval.features import InceptionWeightsNotFound
+    try:
+        return _main(argv)
+    except (FeatureWeightsNotFound, InceptionWeightsNotFound) as e:   # raised before any sampling
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv: list[str] | None = None) -> int:
     s = settings_from_args(argv)
     if s is None:
         return 0

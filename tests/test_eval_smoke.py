@@ -50,7 +50,8 @@ def test_generative_end_to_end_random_inception_is_flagged_and_cached(tmp_path, 
     res = run_generative(_settings(tmp_path), sample_fn=fake_sample_fn, shape=(3, 8, 8), protocol={"sampler": "fake"})
     out = capsys.readouterr().out
     assert RANDOM_WEIGHTS_NOTE in out and "RANDOM-WEIGHT Inception" in out
-    assert "| fake (smoke) |" in out and "| fake (smoke) (paper) | 5.11" in out
+    flagged = "fake (smoke) [RANDOM-WEIGHT networks: not comparable]"
+    assert f"| {flagged} |" in out and f"| {flagged} (paper) | 5.11" in out
     m = res["metrics"]
     assert math.isfinite(m["fid"]) and m["fid"] >= 0
     assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["is_mean"] >= 1.0
@@ -120,4 +121,4 @@ def test_autoencoder_metrics_end_to_end(tmp_path, capsys):
         assert m["psim"]["mean"] > 0
         assert any("LPIPS: RANDOM-WEIGHT" in w for w in res["warnings"])
     out = capsys.readouterr().out
-    assert "RANDOM-WEIGHT Inception" in out and "| shift |" in out
+    assert "RANDOM-WEIGHT Inception" in out and "| shift [RANDOM-WEIGHT networks: not comparable] |" in out

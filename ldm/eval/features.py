@@ -200,3 +200,42 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
             buf = []
     if buf:
         yield buf
+
+
+SPATIAL = "mixed_6_conv_7"   # sFID features (Nash et al. 2021)
+
+
+class InceptionSpatialFeatures(InceptionFeatures):
+    """sFID features (Nash et al. 2021, as guided-diffusion's evaluator): the first 7 channels of
+    the TF graph's `mixed_6/conv` (= torch-fidelity's Mixed_6d.branch1x1 output, after its ReLU),
+    17 x 17 x 7 = 2023 values per image, for a Fréchet distance like FID's."""
+
+    feature_key = SPATIAL
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._captured: list[torch.Tensor] = []
+        self.provenance = {**self.provenance, "layer": "Mixed_6d.branch1x1[:, :7] (mixed_6/conv)"}
+
+    @property
+    def cache_id(self) -> str:
+        return "spatial-" + super().cache_id
+
+    @torch.no_grad()
+    def __call__(self, images: Union[np.ndarray, torch.Tensor]) -> dict[str, np.ndarray]:
+        hook = self.model.Mixed_6d.branch1x1.register_forward_hook(
+            lambda m, i, o: self._captured.append(o[:, :7].permute(0, 2, 3, 1).flatten(1)))
+        try:
+            self.model(to_uint8_nchw(images).to(self.device))
+        finally:
+            hook.remove()
+        f = self._captured.pop()
+        self._captured.clear()
+        return {SPATIAL: f.double().cpu().numpy()}
+
+    def extract(self, batches: Iterable[Union[np.ndarray, torch.Tensor]], progress: bool = False,
+                desc: str = "features") -> dict[str, np.ndarray]:
+        out = [self(b)[SPATIAL] for b in batches]
+        if not out:
+            raise ValueError("no images to extract features from")
+        return {SPATIAL: np.concatenate(out)}

@@ -27,7 +27,12 @@ from ldm.eval.sample_for_eval import (SampleFn, SamplerSettings, SamplingPlan, d
                                       latent_shape, load_ldm, make_ldm_sample_fn, model_class_info, read_samples)
 
 logger = logging.getLogger(__name__)
-GENERATIVE_METRICS = ("fid", "is", "kid", "pr")
+GENERATIVE_METRICS = ("fid", "is", "kid", "pr", "sfid", "fd_dinov2", "cmmd", "clip_score")
+DEFAULT_GENERATIVE_METRICS = ("fid", "is", "kid", "pr")
+INCEPTION_METRICS = ("fid", "is", "kid", "pr")
+# metric -> the feature network (key of `build_feature_nets`) its number is computed on
+METRIC_NETWORK = {"fid": "inception", "is": "inception", "kid": "inception", "pr": "inception",
+                  "rfid": "inception", "ris": "inception", "sfid": "inception_spatial", "fd_dinov2": "dinov2", "cmmd": "clip", "clip_score": "clip"}
 AUTOENCODER_METRICS = ("rfid", "ris", "psnr", "ssim", "psim")
 
 
@@ -52,9 +57,15 @@ class EvalSettings:
     ref_folder: Optional[str] = None      # reference images from a folder instead of a dataset
     ref_limit: Optional[int] = None       # use only the first N reference images (quick runs)
     max_ref_features: int = 50000         # reference features kept for PR / KID
-    metrics: Sequence[str] = GENERATIVE_METRICS
+    metrics: Sequence[str] = DEFAULT_GENERATIVE_METRICS
     inception_weights: Optional[str] = None
     random_inception: bool = False        # offline smoke test: random-weight Inception (flagged)
+    dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FD-DINOv2)
+    clip_weights: Optional[str] = None    # open_clip ViT-L-14-336 checkpoint (CMMD, CLIP score)
+    random_features: bool = False         # offline smoke test: random-weight DINOv2 / CLIP (flagged)
+    dinov2_arch: Any = None               # timm DINOv2 variant (tests: a tiny one); default ViT-L/14
+    clip_arch: Any = None                 # open_clip model name or CLIP kwargs; default ViT-L-14-336
+    clip_prompts: Optional[str] = None    # text file: line i is the caption of sample i (CLIP score)
     random_lpips: bool = False            # offline smoke test: random-weight LPIPS (flagged)
     device: Optional[str] = None          # default: cuda:LOCAL_RANK if available, else cpu
     cache_dir: Optional[str] = None
@@ -107,17 +118,64 @@ def reference_for(s: EvalSettings, extractor: InceptionFeatures, cfg: Any, split
                                 num_workers=s.num_workers, **common)
 
 
-def generative_metrics(gen: dict[str, np.ndarray], ref: ReferenceStats, metrics: Sequence[str],
-                       s: EvalSettings, device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {"n_samples": len(gen[POOL]), "n_reference": ref.n, "n_reference_features": len(ref.features)}
+def build_feature_nets(s: EvalSettings, metrics: Sequence[str], device: torch.device) -> dict[str, Any]:
+    """The feature networks `metrics` need, built now: missing weights fail before any sampling."""
+    from ldm.eval.feature_nets import ClipFeatures, DinoV2Features
+    nets: dict[str, Any] = {}
+    wanted = {METRIC_NETWORK[m] for m in metrics}
+    if "inception" in wanted:
+        nets["inception"] = InceptionFeatures(s.inception_weights, s.random_inception, device)
+    if "inception_spatial" in wanted:
+        from ldm.eval.features import InceptionSpatialFeatures
+        nets["inception_spatial"] = InceptionSpatialFeatures(s.inception_weights, s.random_inception, device)
+    if "dinov2" in wanted:
+        nets["dinov2"] = DinoV2Features(s.dinov2_weights, s.random_features, device, arch=s.dinov2_arch)
+    if "clip" in wanted:
+        nets["clip"] = ClipFeatures(s.clip_weights, s.random_features, device, arch=s.clip_arch)
+    return nets
+
+
+def read_prompts_file(path: Optional[str], n: int) -> list[str]:
+    """Captions for CLIP score: line i of `path` is the caption of sample i (cycled to n)."""
+    if not path:
+        raise ValueError("clip_score needs --clip-prompts FILE (line i = the caption of sample i)")
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"no captions in '{path}'")
+    return [lines[i % len(lines)] for i in range(n)]
+
+
+def generative_metrics(gen: dict[str, dict[str, np.ndarray]], ref: dict[str, ReferenceStats],
+                       metrics: Sequence[str], s: EvalSettings, device: torch.device,
+                       nets: Optional[dict[str, Any]] = None, prompts: Optional[list[str]] = None) -> dict[str, Any]:
+    """Metrics from sample features `gen[net][layer]` and reference statistics `ref[net]`."""
+    from ldm.eval.modern_metrics import clip_score, cmmd
+    first = next(iter(gen.values()))
+    first_ref = next(iter(ref.values())) if ref else None
+    out: dict[str, Any] = {"n_samples": len(next(iter(first.values())))}
+    if first_ref is not None:
+        out.update(n_reference=first_ref.n, n_reference_features=len(first_ref.features))
     if "fid" in metrics:
-        out["fid"] = fid_features_vs_stats(gen[POOL], ref.mu, ref.sigma)
+        out["fid"] = fid_features_vs_stats(gen["inception"][POOL], ref["inception"].mu, ref["inception"].sigma)
     if "is" in metrics:
-        out.update(inception_score(gen[LOGITS]))
+        out.update(inception_score(gen["inception"][LOGITS]))
     if "kid" in metrics:
-        out.update(kernel_inception_distance(gen[POOL], ref.features, s.kid_subsets, s.kid_subset_size))
+        out.update(kernel_inception_distance(gen["inception"][POOL], ref["inception"].features, s.kid_subsets,
+                                             s.kid_subset_size))
     if "pr" in metrics:
-        out.update(precision_recall(ref.features, gen[POOL], k=s.pr_k, device=device))
+        out.update(precision_recall(ref["inception"].features, gen["inception"][POOL], k=s.pr_k, device=device))
+    if "sfid" in metrics:
+        from ldm.eval.features import SPATIAL
+        sp = ref["inception_spatial"]
+        out["sfid"] = fid_features_vs_stats(gen["inception_spatial"][SPATIAL], sp.mu, sp.sigma)
+    if "fd_dinov2" in metrics:
+        d = ref["dinov2"]
+        out["fd_dinov2"] = fid_features_vs_stats(gen["dinov2"]["dinov2"], d.mu, d.sigma)
+    if "cmmd" in metrics:
+        out["cmmd"] = cmmd(gen["clip"]["clip_image"], ref["clip"].features, device=device)
+    if "clip_score" in metrics:
+        texts = nets["clip"].text(prompts)
+        out.update(clip_score(gen["clip"]["clip_image"], texts))
     return out
 
 
@@ -164,6 +222,9 @@ def run_generative(s: EvalSettings, sample_fn: Optional[SampleFn] = None, shape:
     _check_metrics(s.metrics, GENERATIVE_METRICS)
     rank, world, local = distributed_env()
     device = pick_device(s.device, local)
+    # every feature network and input the metrics need is checked before the first sample
+    nets = build_feature_nets(s, s.metrics, device) if rank == 0 else {}
+    prompts = read_prompts_file(s.clip_prompts, s.n) if "clip_score" in s.metrics and rank == 0 else None
     dist = _init_distributed(world, device)
     sampling: dict[str, Any] = {}
     if not s.skip_sampling:
@@ -175,11 +236,17 @@ def run_generative(s: EvalSettings, sample_fn: Optional[SampleFn] = None, shape:
     if rank != 0:
         return None
     paths = read_samples(s.outdir, s.n)
-    extractor = InceptionFeatures(s.inception_weights, s.random_inception, device)
-    gen = extractor.extract(folder_batches(paths, s.batch), progress=s.progress, desc="sample features")
-    ref = reference_for(s, extractor, _model_config(s.config), s.split or "train")
-    metrics = generative_metrics(gen, ref, s.metrics, s, device)
-    result = _result(s, "generative", metrics, extractor, ref, sampling=sampling)
+    if prompts is not None:
+        prompts = prompts[:len(paths)]
+    cfg = _model_config(s.config)
+    gen, ref = {}, {}
+    for name, net in nets.items():
+        gen[name] = net.extract(folder_batches(paths, s.batch), progress=s.progress, desc=f"sample features ({name})")
+        if name != "clip" or "cmmd" in s.metrics:
+            ref[name] = reference_for(s, net, cfg, s.split or "train")
+    metrics = generative_metrics(gen, ref, s.metrics, s, device, nets, prompts)
+    result = _result(s, "generative", metrics, nets, ref.get("inception") or next(iter(ref.values()), None),
+                     sampling=sampling)
     _finish(s, result)
     return result
 
@@ -235,6 +302,11 @@ def run_autoencoder(s: EvalSettings, model: Any = None) -> dict:
     _check_metrics(s.metrics, AUTOENCODER_METRICS)
     device = pick_device(s.device)
     cfg = _model_config(s.config)
+    metrics_wanted = set(s.metrics)
+    # feature / LPIPS weights are checked before the model is loaded and anything reconstructed
+    need_inception = bool(metrics_wanted & {"rfid", "ris"})
+    extractor = InceptionFeatures(s.inception_weights, s.random_inception, device) if need_inception else None
+    lpips_net = build_lpips(s.random_lpips, device) if "psim" in metrics_wanted else None
     if model is None:
         model = load_autoencoder(s.config, s.ckpt, device)
     split = s.split or "validation"
@@ -247,10 +319,6 @@ def run_autoencoder(s: EvalSettings, model: Any = None) -> dict:
     key = "image"
     if cfg is not None and "model" in cfg:
         key = cfg.model.get("params", {}).get("image_key", "image")
-    metrics_wanted = set(s.metrics)
-    need_inception = bool(metrics_wanted & {"rfid", "ris"})
-    extractor = InceptionFeatures(s.inception_weights, s.random_inception, device) if need_inception else None
-    lpips_net = build_lpips(s.random_lpips, device) if "psim" in metrics_wanted else None
     per_image: dict[str, list] = {"psnr": [], "ssim": [], "psim": []}
     feats: dict[str, list] = {"orig": [], "rec": [], "rec_logits": []}
     from tqdm import tqdm
@@ -280,18 +348,28 @@ def run_autoencoder(s: EvalSettings, model: Any = None) -> dict:
     if "ris" in metrics_wanted:
         r = inception_score(np.concatenate(feats["rec_logits"]))
         metrics.update(ris_mean=r["is_mean"], ris_std=r["is_std"], ris_splits=r["is_splits"])
-    result = _result(s, "autoencoder", metrics, extractor, None, dataset={"split": split, "config": data})
+    result = _result(s, "autoencoder", metrics, extractor, None, dataset={"split": split, "config": _plain(data)})
     if s.random_lpips and lpips_net is not None:
         result["warnings"].append(LPIPS_RANDOM_NOTE)
     _finish(s, result)
     return result
 
 
-def _result(s: EvalSettings, task: str, metrics: dict, extractor: Optional[InceptionFeatures],
-            ref: Optional[ReferenceStats], **extra: Any) -> dict:
-    warnings = [RANDOM_WEIGHTS_NOTE] if s.random_inception and extractor is not None else []
+def _result(s: EvalSettings, task: str, metrics: dict, nets: Any, ref: Optional[ReferenceStats],
+            **extra: Any) -> dict:
+    """The JSON record: metrics, warnings, and for each metric the feature network + weights hash."""
+    if nets is not None and not isinstance(nets, dict):
+        nets = {"inception": nets}
+    nets = nets or {}
+    warnings = []
+    if s.random_inception and ("inception" in nets or "inception_spatial" in nets):
+        warnings.append(RANDOM_WEIGHTS_NOTE)
+    warnings += [net.provenance["note"] for name, net in nets.items()
+                 if not name.startswith("inception") and "note" in net.provenance]
     protocol = {k: v for k, v in asdict(s).items() if k not in ("paper", "uncertain", "row", "progress")}
-    protocol["features"] = extractor.provenance if extractor is not None else None
+    protocol["features"] = nets["inception"].provenance if "inception" in nets else None
+    protocol["feature_networks"] = {m: nets[METRIC_NETWORK[m]].provenance for m in s.metrics
+                                    if METRIC_NETWORK.get(m) in nets}
     if ref is not None:
         protocol["reference"] = {"n_images": ref.n, "n_features_kept": len(ref.features),
                                  "cache_file": ref.path, "key": ref.key}
@@ -305,3 +383,9 @@ def _finish(s: EvalSettings, result: dict) -> None:
     print(format_report(result))
     print(f"results written to {path}")
 
+
+
+def _plain(x: Any) -> Any:
+    """OmegaConf containers -> plain dicts / lists (for the JSON record)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x

@@ -129,7 +129,8 @@ class RunningStats:
 def cache_key(source: dict, split: str, image_shape: tuple, extractor: InceptionFeatures, n: int,
               max_features: int, limit: Optional[int]) -> dict:
     return {"source": source, "split": split, "resolution": list(image_shape), "preprocessing": PREPROCESSING,
-            "features": extractor.cache_id, "feature_layer": POOL, "n_images": n, "limit": limit,
+            "features": extractor.cache_id, "feature_layer": getattr(extractor, "feature_key", POOL),
+            "n_images": n, "limit": limit,
             "max_features": max_features, "subset_seed": 0}
 
 
@@ -168,7 +169,7 @@ def compute_stats(batches: Iterator[np.ndarray], extractor: InceptionFeatures, k
     run, kept, pos = RunningStats(), [], 0
     with tqdm(total=total, desc="reference features", unit="img", disable=not progress) as bar:
         for b in batches:
-            f = extractor(b)[POOL]
+            f = extractor(b)[getattr(extractor, "feature_key", POOL)]
             run.update(f)
             if keep is None:
                 kept.append(f.astype(np.float32))

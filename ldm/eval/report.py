@@ -16,7 +16,9 @@ import numpy as np
 
 # column name -> (key in metrics, format, higher is better)
 GENERATIVE_COLUMNS = [("FID", "fid", "{:.2f}"), ("IS", "is_mean", "{:.2f}"), ("KID", "kid_mean", "{:.4f}"),
-                      ("Prec.", "precision", "{:.2f}"), ("Recall", "recall", "{:.2f}")]
+                      ("Prec.", "precision", "{:.2f}"), ("Recall", "recall", "{:.2f}"), ("sFID", "sfid", "{:.2f}"),
+                      ("FD-DINOv2", "fd_dinov2", "{:.2f}"), ("CMMD", "cmmd", "{:.3f}"),
+                      ("CLIP score", "clip_score", "{:.2f}")]
 AUTOENCODER_COLUMNS = [("rFID", "rfid", "{:.2f}"), ("R-IS", "ris_mean", "{:.2f}"), ("PSNR", "psnr", "{:.2f}"),
                        ("PSIM", "psim", "{:.2f}"), ("SSIM", "ssim", "{:.2f}")]
 
@@ -77,6 +79,12 @@ def table_rows(label: str, metrics: dict, columns: list, paper: Optional[dict] =
 
 
 def _jsonable(x: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(x):   # config sections (DictConfig / ListConfig) of the protocol
+            x = OmegaConf.to_container(x, resolve=True)
+    except ImportError:
+        pass
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -110,6 +118,9 @@ def format_report(result: dict) -> str:
     """Human-readable summary: warnings first (random-weight networks), then the table."""
     cols = AUTOENCODER_COLUMNS if result.get("task") == "autoencoder" else GENERATIVE_COLUMNS
     lines = [f"!!! {w}" for w in result.get("warnings", [])]
-    lines.append(table_rows(result.get("row") or "ours", result["metrics"], cols, result.get("paper")))
+    label = result.get("row") or "ours"
+    if result.get("warnings"):   # the flag stands in the row itself, where a copied table keeps it
+        label += " [RANDOM-WEIGHT networks: not comparable]"
+    lines.append(table_rows(label, result["metrics"], cols, result.get("paper")))
     lines += [f"!!! {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)
