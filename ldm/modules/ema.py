@@ -22,12 +22,17 @@ the next update) first waits for the pending update.
 """
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
+
+
+_WRAPPER_SEGMENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 class LitEma(nn.Module):
@@ -51,6 +56,8 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = s_name
                 self.register_buffer(s_name, p.detach().clone())
         self.collected_params: list[torch.Tensor] = []
+        # set by sharding strategies (ldm.scaleout): a context giving whole parameters (writeback?)
+        self.full_params_context: Optional[Callable[[bool], ContextManager]] = None
         self.offload = False
         self._pending: Optional[threading.Thread] = None
         self._staging: Optional[list[torch.Tensor]] = None
@@ -102,7 +109,7 @@ class LitEma(nn.Module):
     def __getstate__(self) -> dict:
         self.wait()
         state = self.__dict__.copy()
-        state["_pending"], state["_staging"] = None, None
+        state["_pending"], state["_staging"], state["full_params_context"] = None, None, None
         return state
 
     # ------------------------------------------------------------------ update
@@ -113,10 +120,15 @@ class LitEma(nn.Module):
         del self.num_updates
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int, device=device))
 
+    def _full_params(self, writeback: bool) -> ContextManager:
+        return self.full_params_context(writeback) if self.full_params_context else contextlib.nullcontext()
+
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(shadows, params) for the trainable parameters of `model`, in the same order."""
+        """(shadows, params) for the trainable parameters of `model`, in the same order
+        (wrapper segments FSDP / activation checkpointing insert into names are ignored)."""
         shadows, params = [], []
         for name, p in model.named_parameters():
+            name = _WRAPPER_SEGMENTS.sub("", name)
             if p.requires_grad:
                 shadows.append(self._buffers[self.m_name2s_name[name]])
                 params.append(p)
@@ -137,11 +149,13 @@ class LitEma(nn.Module):
     def forward(self, model: nn.Module) -> None:
         """One EMA step towards `model`'s current parameters."""
         self.wait()
-        shadows, params = self._pairs(model)
-        if self.offload and params:
-            self._offloaded_step(shadows, params)
-            return
-        self._update(shadows, params)
+        with self._full_params(writeback=False):
+            shadows, params = self._pairs(model)
+            if self.offload and params:
+                # (gathered parameters freed on exit: their copies are queued on the stream first)
+                self._offloaded_step(shadows, params)
+                return
+            self._update(shadows, params)
 
     def _update(self, shadows: list[torch.Tensor], params: list[torch.Tensor]) -> None:
         one_minus_decay = 1.0 - self.current_decay()
@@ -182,9 +196,10 @@ class LitEma(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the averaged values into `model`'s parameters."""
         self.wait()
-        shadows, params = self._pairs(model)
-        for s, p in zip(shadows, params):
-            p.copy_(s)
+        with self._full_params(writeback=True):
+            shadows, params = self._pairs(model)
+            for s, p in zip(shadows, params):
+                p.copy_(s)
 
     def store(self, parameters: Iterable[torch.Tensor]) -> None:
         """Save copies of `parameters` (before `copy_to`) for `restore`."""

@@ -196,3 +196,15 @@ class SyncFreeProgressBar(TQDMProgressBar):
                 items[k.replace("train/", "")] = f"{float(metrics[k]):.4g}"
         return items
 
+
+class EMAOffload(Callback):
+    """Keeps the model's EMA (`model_ema`, a LitEma) in host memory, updated asynchronously
+    (`LitEma(offload=True)`): frees 4 bytes per trainable parameter of accelerator memory.
+    `lightning.callbacks.ema_offload: {target: ldm.training.callbacks.EMAOffload}`."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        ema = getattr(pl_module, "model_ema", None)
+        if ema is not None and hasattr(ema, "set_offload"):
+            ema.set_offload(True)
+            rank_zero_info("EMA kept in host memory (EMAOffload)")
+
