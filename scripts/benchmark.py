@@ -74,8 +74,17 @@ def strip_ckpt_paths(node: Any) -> None:
             strip_ckpt_paths(v)
 
 
-def load_model_config(path: str, *, checkpoint: Optional[bool], channels_last: bool, compile_unet: bool) -> Any:
+def load_config(path: str, overrides: Optional[list[str]] = None) -> Any:
+    """The `model` section of a config, with `--set key=value` overrides (keys relative to `model`)."""
     cfg = OmegaConf.load(path).model
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg
+
+
+def load_model_config(path: str, *, checkpoint: Optional[bool], channels_last: bool, compile_unet: bool,
+                      overrides: Optional[list[str]] = None) -> Any:
+    cfg = load_config(path, overrides)
     strip_ckpt_paths(cfg)
     unet = cfg.params.unet_config.params
     if checkpoint is not None:
@@ -111,11 +120,12 @@ def build_model(cfg: Any, device: torch.device, seed: int = 0) -> Any:
 
 
 def build_first_stage(config: str, device: torch.device, seed: int = 0, channels_last: bool = False,
-                      precision: Optional[str] = None) -> tuple[Any, dict, int, Optional[int]]:
+                      precision: Optional[str] = None,
+                      overrides: Optional[list[str]] = None) -> tuple[Any, dict, int, Optional[int]]:
     """(first stage, ddconfig, embed_dim, n_embed or None) of an autoencoder or LatentDiffusion
     config, with random non-zero weights; `channels_last` / `precision` set the ddconfig's
     use_channels_last / decode_precision switches."""
-    cfg = OmegaConf.load(config).model
+    cfg = load_config(config, overrides)
     strip_ckpt_paths(cfg)
     if "first_stage_config" in cfg.get("params", {}):
         cfg = cfg.params.first_stage_config
@@ -315,12 +325,14 @@ class Bench:
         if args.mode == "autoencoder":
             self._init_autoencoder()
             return
-        flags = dict(checkpoint=args.checkpoint, channels_last=args.channels_last, compile_unet=args.compile)
+        flags = dict(checkpoint=args.checkpoint, channels_last=args.channels_last, compile_unet=args.compile,
+                     overrides=args.set)
         self.cfg = load_model_config(args.config, **flags)
         self.model = build_model(self.cfg, self.device, args.seed)
         self.eager = None
         if args.compare == "eager":
-            plain = load_model_config(args.config, checkpoint=args.checkpoint, channels_last=False, compile_unet=False)
+            plain = load_model_config(args.config, checkpoint=args.checkpoint, channels_last=False, compile_unet=False,
+                                      overrides=args.set)
             self.eager = build_model(plain, self.device, args.seed)
             self.eager.load_state_dict(self.model.state_dict())
         m = self.model
@@ -358,7 +370,7 @@ class Bench:
         first_stage_config of a LatentDiffusion config (trained-loss parts replaced by Identity)."""
         a = self.args
         self.ae, ddconfig, embed_dim, n_embed = build_first_stage(a.config, self.device, a.seed,
-                                                                  a.ae_channels_last, a.ae_precision)
+                                                                  a.ae_channels_last, a.ae_precision, a.set)
         self.f = 2 ** (len(ddconfig["ch_mult"]) - 1)
         g = torch.Generator().manual_seed(a.seed + 1)
         self.latent_shape = (a.batch, embed_dim, a.resolution, a.resolution)
@@ -486,6 +498,8 @@ class Bench:
         from ldm.models.diffusion.ddim import DDIMSampler
         a, B = self.args, self.args.batch
         setups = [("ddim", 1.0)] + ([("ddim-cfg", a.cfg_scale)] if self.c is not None else [])
+        if a.sample_setups:
+            setups = [st for st in setups if st[0] in a.sample_setups.split(",")]
         models = [("ours", self.model, True)] + ([("ours-eager", self.eager, False)] if self.eager is not None else [])
         out = []
         for setup, scale in setups:
@@ -654,7 +668,15 @@ def _device_name(device: torch.device) -> str:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a LatentDiffusion config (ours or an original one)")
+    p.add_argument("--config", help="a LatentDiffusion config (ours or an original one); or an autoencoder "
+                                     "config for --mode autoencoder")
+    p.add_argument("--suite", choices=["gpu"], default=None,
+                   help="run the GPU report (SD v1 sampling, SD v2 / CelebA-HQ training, autoencoder decode); "
+                        "see scripts/benchmark_suite.py")
+    p.add_argument("--tiny", action="store_true", help="--suite: tiny models and sizes (CI smoke run on CPU)")
+    p.add_argument("--out", default=None, help="--suite: report file (JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (keys relative to `model`, e.g. params.unet_config.params.model_channels=64)")
     p.add_argument("--mode", choices=["train", "sample", "autoencoder"], default="train")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=None, help="latent side (default: the config's image_size)")
@@ -662,6 +684,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5, help="DDIM steps per sampling iteration")
     p.add_argument("--cfg-scale", type=float, default=7.5)
+    p.add_argument("--sample-setups", default=None, help="--mode sample: only these of ddim,ddim-cfg")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--cached-latents", action="store_true", help="train on cached first-stage encodings")
@@ -680,6 +703,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output file (default logs/benchmarks/<config>_<mode>_<device>.json)")
     args = p.parse_args(argv)
+    if args.suite:
+        return args
+    if args.config is None:
+        p.error("--config is required (unless --suite)")
     if args.resolution is None:
         params = OmegaConf.load(args.config).model.params
         if "image_size" not in params and "ddconfig" in params:     # an autoencoder config: its training size
@@ -690,5 +717,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.suite:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_ldm_benchmark_suite", Path(__file__).with_name("benchmark_suite.py"))
+        suite = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(suite)
+        return suite.run_suite(args, run, parse_args)
+    return run(args)
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    main()
