@@ -329,6 +329,8 @@ class Bench:
                      overrides=args.set)
         self.cfg = load_model_config(args.config, **flags)
         self.model = build_model(self.cfg, self.device, args.seed)
+        if args.ema_offload and getattr(self.model, "use_ema", False):
+            self.model.model_ema.set_offload(True)        # EMA in host memory (LitEma offload)
         self.eager = None
         if args.compare == "eager":
             plain = load_model_config(args.config, checkpoint=args.checkpoint, channels_last=False, compile_unet=False,
@@ -697,6 +699,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="override the UNet's use_checkpoint (activation checkpointing)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--ema-offload", action="store_true", help="keep the EMA in host memory (LitEma offload)")
     p.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (use_fused_adam)")
     p.add_argument("--flops", choices=["auto", "on", "off"], default="auto", help="count FLOPs (auto: on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -6,7 +6,8 @@ table (printed) and one JSON file:
   (cond + uncond in one batched call): denoising iterations/s at batch 1, 4, 16, ours and
   diffusers' UNet2DConditionModel (SDPA) on the same weights; then both torch.compiled;
 - SD v2 UNet training step (64^2 latents, cached, bf16, AdamW, EMA): images/s and MFU at
-  batch 8 and at the largest batch that fits (doubling until out of memory);
+  batch 8 (also with the EMA offloaded to host memory: the peak-memory difference) and at the
+  largest batch that fits (doubling until out of memory);
 - CelebA-HQ LDM-4 training step (64^2x3 latents, cached, bf16): samples/s and MFU at batch 48;
 - KL-f8 autoencoder decode of 512^2 images (bf16): images/s, ours and diffusers' AutoencoderKL;
 - peak memory of each (CUDA max_memory_allocated; on CPU an RSS estimate).
@@ -56,6 +57,8 @@ def jobs(tiny: bool) -> list[dict[str, Any]]:
     sd2 = ["--config", SD2, "--mode", "train", "--resolution", r, "--cached-latents", "--flops", "on",
            "--fused-adam", "--set=params.use_ema=true", *common, *[f"--set={o}" for o in TEXT_FREE], *unet(16)]
     out.append(dict(name="sd2-train-b8", kind="train", argv=sd2 + ["--batch", "2" if tiny else "8"]))
+    out.append(dict(name="sd2-train-b8-ema-offload", kind="train",
+                    argv=sd2 + ["--batch", "2" if tiny else "8", "--ema-offload"]))
     out.append(dict(name="sd2-train-largest", kind="largest", argv=sd2,
                     batches=[4] if tiny else [16, 32, 64, 128, 256]))
     out.append(dict(name="celebahq-train-b48", kind="train",

@@ -31,7 +31,7 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path, monkeypatch):
     errors = {e["name"]: e["error"] for e in report["jobs"] if "error" in e}
     assert errors == {}
     ran = {e["name"] for e in report["jobs"] if "skipped" not in e}
-    assert ran == {"sd1-sample-b1", "sd1-sample-b2", "sd2-train-b8", "sd2-train-largest",
+    assert ran == {"sd1-sample-b1", "sd1-sample-b2", "sd2-train-b8", "sd2-train-b8-ema-offload", "sd2-train-largest",
                    "celebahq-train-b48", "kl-f8-decode"}
     assert {e["name"] for e in report["jobs"] if "skipped" in e} == {"sd1-sample-compiled-b1",
                                                                      "sd1-sample-compiled-b2"}
@@ -51,7 +51,7 @@ def test_suite_jobs_cover_the_report():
     suite = load("benchmark_suite")
     names = [j["name"] for j in suite.jobs(tiny=False)]
     assert names == [f"sd1-sample{c}-b{b}" for c in ("", "-compiled") for b in (1, 4, 16)] + \
-        ["sd2-train-b8", "sd2-train-largest", "celebahq-train-b48", "kl-f8-decode"]
+        ["sd2-train-b8", "sd2-train-b8-ema-offload", "sd2-train-largest", "celebahq-train-b48", "kl-f8-decode"]
     args = {j["name"]: j["argv"] for j in suite.jobs(tiny=False)}
     assert "--compile" in args["sd1-sample-compiled-b16"] and "bf16" in args["sd2-train-b8"]
     assert args["celebahq-train-b48"][args["celebahq-train-b48"].index("--batch") + 1] == "48"
