@@ -134,3 +134,19 @@ def test_tiled_decoder_matches_whole_decoding_closely():
     assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean()
     with pytest.raises(ValueError, match="overlap"):
         decoder(decode_tile_size=8, decode_tile_overlap=8)(z)
+
+
+def test_upsample_conv_by_phases_equals_conv_of_the_upsampled_image():
+    from ldm.modules.diffusionmodules.model import Upsample
+    torch.manual_seed(0)
+    up = Upsample(8, with_conv=True).double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64, requires_grad=True)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = up(x)
+    assert out.shape == (2, 8, 10, 14) and torch.allclose(out, ref, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, up.conv.weight), g)
+    refs = torch.autograd.grad(ref, (x, up.conv.weight), g)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, refs))
+    cl = up(x.detach().contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, ref, atol=1e-12)

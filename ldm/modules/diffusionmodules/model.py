@@ -121,8 +121,33 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        if not self.with_conv:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return _upsample_conv(x, self.conv)
+
+
+def _upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_x2(x)) for a 3x3, padding-1 conv, without making the upsampled image.
+
+    Output pixel (2i+a, 2j+b) sees only input rows {i-1, i} (a = 0) or {i, i+1} (a = 1), and
+    likewise columns, with the 3x3 taps that land on the same input pixel summed: rows
+    (W0, W1+W2) for a = 0, (W0+W1, W2) for a = 1. So each of the 4 output phases is a 2x2 conv
+    of x: 16 instead of 36 multiply-adds per input pixel and channel pair, same result up to
+    float rounding of the summation order."""
+    w, bias = conv.weight, conv.bias                                  # (O, I, 3, 3)
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),    # a = 0: rows i-1, i
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))    # a = 1: rows i, i+1
+    xp = F.pad(x, (1, 1, 1, 1))
+    h, wd = x.shape[-2:]
+    phases = []
+    for a, wr in enumerate(rows):                                     # wr: (O, I, 2, 3)
+        cols = (torch.stack([wr[..., 0], wr[..., 1] + wr[..., 2]], 3),
+                torch.stack([wr[..., 0] + wr[..., 1], wr[..., 2]], 3))
+        for b, k in enumerate(cols):                                  # k: (O, I, 2, 2)
+            phases.append(F.conv2d(xp[..., a:a + h + 1, b:b + wd + 1], k, bias))
+    out = torch.stack(phases, 2).unflatten(2, (2, 2))                 # (B, O, 2, 2, H, W): (a, b)
+    out = out.permute(0, 1, 4, 2, 5, 3).reshape(x.shape[0], -1, 2 * h, 2 * wd)
+    return out.contiguous(memory_format=_memory_format(x))
 
 
 class Downsample(nn.Module):
