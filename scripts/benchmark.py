@@ -15,7 +15,10 @@ Modes (one iteration each):
                is not timed: its output is made once (random text context / class embedding).
   sample       --steps DDIM steps through DDIMSampler.sample, without and (conditional models)
                with classifier-free guidance (--cfg-scale; cond and uncond in one batched call).
-  autoencoder  encode_first_stage and decode_first_stage of images of resolution * f.
+  autoencoder  the first stage alone (an autoencoder config, or a LatentDiffusion config's
+               first_stage_config): encode of images of resolution * f, decode of latents of
+               resolution (VQ: quantisation included, as VQModelInterface.decode and
+               diffusers' VQModel.decode do).
 
 Reported per variant: ms / iteration (median, min), samples/s, UNet evaluations/s (per sample),
 peak memory, and with FLOPs counted once (torch.utils.flop_counter; --flops, default on CUDA)
@@ -61,8 +64,18 @@ from ldm.util import instantiate_from_config  # noqa: E402
 # ----------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------
-def load_model_config(path: str, *, checkpoint: Optional[bool], channels_last: bool, compile_unet: bool) -> Any:
-    cfg = OmegaConf.create(strip_ckpt_paths(OmegaConf.to_container(OmegaConf.load(path).model, resolve=True)))
+def load_config(path: str, overrides: Optional[list[str]] = None) -> Any:
+    """The `model` section of a config without its ckpt_path entries, with `--set key=value`
+    overrides (keys relative to `model`)."""
+    cfg = OmegaConf.load(path).model
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.create(strip_ckpt_paths(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def load_model_config(path: str, *, checkpoint: Optional[bool], channels_last: bool, compile_unet: bool,
+                      overrides: Optional[list[str]] = None) -> Any:
+    cfg = load_config(path, overrides)
     unet = cfg.params.unet_config.params
     if checkpoint is not None:
         unet.use_checkpoint = checkpoint
@@ -95,6 +108,27 @@ def build_model(cfg: Any, device: torch.device, seed: int = 0) -> Any:
     if getattr(model, "use_ema", False):
         model.model_ema = type(model.model_ema)(model.model)
     return model.to(device)
+
+
+def build_first_stage(config: str, device: torch.device, seed: int = 0, channels_last: bool = False,
+                      precision: Optional[str] = None,
+                      overrides: Optional[list[str]] = None) -> tuple[Any, dict, int, Optional[int]]:
+    """(first stage, ddconfig, embed_dim, n_embed or None) of an autoencoder or LatentDiffusion
+    config, with random non-zero weights; `channels_last` / `precision` set the ddconfig's
+    use_channels_last / decode_precision switches."""
+    cfg = load_config(config, overrides)
+    if "first_stage_config" in cfg.get("params", {}):
+        cfg = cfg.params.first_stage_config
+    cfg.params.lossconfig = {"target": "torch.nn.Identity"}
+    if channels_last:
+        cfg.params.ddconfig.use_channels_last = True
+    if precision:
+        cfg.params.ddconfig.decode_precision = precision
+    torch.manual_seed(seed)
+    ae = instantiate_from_config(cfg)
+    randomize(ae, seed)
+    p = OmegaConf.to_container(cfg.params, resolve=True)
+    return ae.to(device).eval(), p["ddconfig"], int(p["embed_dim"]), p.get("n_embed")
 
 
 @torch.no_grad()
@@ -277,12 +311,20 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = torch.device(args.device)
-        flags = dict(checkpoint=args.checkpoint, channels_last=args.channels_last, compile_unet=args.compile)
+        self.dm = self.vae = self.eager = None
+        if args.mode == "autoencoder":
+            self._init_autoencoder()
+            return
+        flags = dict(checkpoint=args.checkpoint, channels_last=args.channels_last, compile_unet=args.compile,
+                     overrides=args.set)
         self.cfg = load_model_config(args.config, **flags)
         self.model = build_model(self.cfg, self.device, args.seed)
+        if args.ema_offload and getattr(self.model, "use_ema", False):
+            self.model.model_ema.set_offload(True)        # EMA in host memory (LitEma offload)
         self.eager = None
         if args.compare == "eager":
-            plain = load_model_config(args.config, checkpoint=args.checkpoint, channels_last=False, compile_unet=False)
+            plain = load_model_config(args.config, checkpoint=args.checkpoint, channels_last=False, compile_unet=False,
+                                      overrides=args.set)
             self.eager = build_model(plain, self.device, args.seed)
             self.eager.load_state_dict(self.model.state_dict())
         m = self.model
@@ -315,6 +357,24 @@ class Bench:
                 self.vae = diffusers_autoencoder(m.first_stage_model, fs["ddconfig"], fs["embed_dim"],
                                                  fs.get("n_embed")).to(self.device)
 
+    def _init_autoencoder(self) -> None:
+        """--mode autoencoder: only the first stage, from an autoencoder config or the
+        first_stage_config of a LatentDiffusion config (trained-loss parts replaced by Identity)."""
+        a = self.args
+        self.ae, ddconfig, embed_dim, n_embed = build_first_stage(a.config, self.device, a.seed,
+                                                                  a.ae_channels_last, a.ae_precision, a.set)
+        self.f = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        g = torch.Generator().manual_seed(a.seed + 1)
+        self.latent_shape = (a.batch, embed_dim, a.resolution, a.resolution)
+        self.x_T = torch.randn(self.latent_shape, generator=g).to(self.device)
+        self.images = (torch.rand(a.batch, 3, a.resolution * self.f, a.resolution * self.f,
+                                  generator=g) * 2 - 1).to(self.device)
+        self.c = self.uc = None
+        if a.compare == "diffusers":
+            self.vae = diffusers_autoencoder(self.ae, ddconfig, embed_dim, n_embed).to(self.device)
+            if a.ae_channels_last:
+                self.vae.to(memory_format=torch.channels_last)
+
     def amp(self) -> Any:
         return perf.autocast(self.args.precision, self.device)
 
@@ -328,7 +388,10 @@ class Bench:
     # ------------------------------------------------------------------ agreement
     @torch.no_grad()
     def agreement(self) -> dict[str, float]:
-        m, out = self.model, {}
+        out: dict[str, float] = {}
+        if self.args.mode == "autoencoder":
+            return out
+        m = self.model
         t = torch.linspace(0, m.num_timesteps - 1, self.args.batch).long().to(self.device)
         if self.dm is not None:
             ours = m.apply_model(self.x_T, t, self.c) if self.c is not None else m.model(self.x_T, t)
@@ -427,6 +490,8 @@ class Bench:
         from ldm.models.diffusion.ddim import DDIMSampler
         a, B = self.args, self.args.batch
         setups = [("ddim", 1.0)] + ([("ddim-cfg", a.cfg_scale)] if self.c is not None else [])
+        if a.sample_setups:
+            setups = [st for st in setups if st[0] in a.sample_setups.split(",")]
         models = [("ours", self.model, True)] + ([("ours-eager", self.eager, False)] if self.eager is not None else [])
         out = []
         for setup, scale in setups:
@@ -473,27 +538,32 @@ class Bench:
 
     # ------------------------------------------------------------------ autoencoder
     def autoencoder_variants(self) -> list[Variant]:
-        m, B = self.model, self.args.batch
-        z = self.x_T
+        """encode (image -> latent: the KL posterior, or VQ pre-quantisation h) and decode
+        (latent -> image; VQ quantises first), ours and diffusers' on the same weights."""
+        ae, B, z = self.ae, self.args.batch, self.x_T
+        vq = hasattr(ae, "quantize")
+        channels_last = self.args.ae_channels_last
+
+        def inp(x: torch.Tensor) -> torch.Tensor:
+            return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
         def enc() -> Any:
             with torch.no_grad(), self.amp():
-                return m.encode_first_stage(self.images)
+                return ae.encode_to_prequant(self.images) if vq else ae.encode(self.images).parameters
 
         def dec() -> Any:
             with torch.no_grad(), self.amp():
-                return m.decode_first_stage(z)
+                return ae.decoder(ae.post_quant_conv(ae.quantize(z)[0] if vq else z))
         out = [Variant("ours", "encode", enc, B, 0), Variant("ours", "decode", dec, B, 0)]
         if self.vae is not None:
-            sf = float(m.scale_factor)
-
             def denc() -> Any:
                 with torch.no_grad(), self.amp():
-                    return self.vae.encode(self.images)
+                    e = self.vae.encode(inp(self.images))
+                    return e.latents if vq else e.latent_dist.parameters
 
             def ddec() -> Any:
                 with torch.no_grad(), self.amp():
-                    return self.vae.decode(z / sf).sample
+                    return self.vae.decode(inp(z)).sample
             out[1:1] = [Variant("diffusers", "encode", denc, B, 0)]
             out.append(Variant("diffusers", "decode", ddec, B, 0))
         return out
@@ -530,7 +600,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sample_agreement(variants: list[Variant], agreement: dict[str, float]) -> None:
     """Outputs of the first warm-up iteration of every variant against ours (DDIM samples, decodes)."""
-    for setup in {v.setup for v in variants if v.setup.startswith("ddim") or v.setup == "decode"}:
+    for setup in {v.setup for v in variants if v.setup.startswith("ddim") or v.setup in ("encode", "decode")}:
         group = {v.name: v.first_output for v in variants if v.setup == setup}
         for name, out in group.items():
             if name != "ours" and out is not None and group.get("ours") is not None:
@@ -590,7 +660,15 @@ def _device_name(device: torch.device) -> str:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a LatentDiffusion config (ours or an original one)")
+    p.add_argument("--config", help="a LatentDiffusion config (ours or an original one); or an autoencoder "
+                                     "config for --mode autoencoder")
+    p.add_argument("--suite", choices=["gpu"], default=None,
+                   help="run the GPU report (SD v1 sampling, SD v2 / CelebA-HQ training, autoencoder decode); "
+                        "see scripts/benchmark_suite.py")
+    p.add_argument("--tiny", action="store_true", help="--suite: tiny models and sizes (CI smoke run on CPU)")
+    p.add_argument("--out", default=None, help="--suite: report file (JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (keys relative to `model`, e.g. params.unet_config.params.model_channels=64)")
     p.add_argument("--mode", choices=["train", "sample", "autoencoder"], default="train")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=None, help="latent side (default: the config's image_size)")
@@ -598,25 +676,50 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5, help="DDIM steps per sampling iteration")
     p.add_argument("--cfg-scale", type=float, default=7.5)
+    p.add_argument("--sample-setups", default=None, help="--mode sample: only these of ddim,ddim-cfg")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--cached-latents", action="store_true", help="train on cached first-stage encodings")
     p.add_argument("--compare", choices=["diffusers", "eager"], default=None)
     p.add_argument("--channels-last", action="store_true", help="UNet use_channels_last")
+    p.add_argument("--ae-channels-last", action="store_true",
+                   help="--mode autoencoder: ddconfig use_channels_last (diffusers' model converted too)")
+    p.add_argument("--ae-precision", default=None, help="--mode autoencoder: ddconfig decode_precision (bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile_unet)")
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="override the UNet's use_checkpoint (activation checkpointing)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--ema-offload", action="store_true", help="keep the EMA in host memory (LitEma offload)")
     p.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (use_fused_adam)")
     p.add_argument("--flops", choices=["auto", "on", "off"], default="auto", help="count FLOPs (auto: on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output file (default logs/benchmarks/<config>_<mode>_<device>.json)")
     args = p.parse_args(argv)
+    if args.suite:
+        return args
+    if args.config is None:
+        p.error("--config is required (unless --suite)")
     if args.resolution is None:
-        args.resolution = int(OmegaConf.load(args.config).model.params.get("image_size", 32))
+        params = OmegaConf.load(args.config).model.params
+        if "image_size" not in params and "ddconfig" in params:     # an autoencoder config: its training size
+            dd = params.ddconfig
+            args.resolution = int(dd.resolution) // 2 ** (len(dd.ch_mult) - 1)
+        else:
+            args.resolution = int(params.get("image_size", 32))
     return args
 
 
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.suite:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_ldm_benchmark_suite", Path(__file__).with_name("benchmark_suite.py"))
+        suite = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(suite)
+        return suite.run_suite(args, run, parse_args)
+    return run(args)
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    main()

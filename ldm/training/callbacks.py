@@ -14,7 +14,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from ldm.training.checkpointing import save_last_checkpoint_now
@@ -236,3 +236,38 @@ class CUDACallback(Callback):
         epoch_time = trainer.strategy.reduce(epoch_time)
         rank_zero_info(f"Average Epoch time: {epoch_time:.2f} seconds")
         rank_zero_info(f"Average Peak memory {max_memory:.2f}MiB")
+
+
+class SyncFreeProgressBar(TQDMProgressBar):
+    """The TQDM progress bar, also showing the training losses, the step and the LR -- values
+    the diffusion models log without `prog_bar` because Lightning converts prog_bar values to
+    Python numbers (a host-device sync) every step. This bar reads them only when it redraws,
+    every `refresh_rate` steps:
+    `lightning.callbacks.progress_bar: {target: ldm.training.callbacks.SyncFreeProgressBar,
+    params: {refresh_rate: 20}}`."""
+
+    def __init__(self, refresh_rate: int = 20, process_position: int = 0, leave: bool = False,
+                 keys: tuple[str, ...] = ("train/loss_step", "train/loss_simple_step", "global_step", "lr_abs")):
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.keys = tuple(keys)  # callback_metrics shown next to the bar
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        metrics = trainer.callback_metrics
+        for k in self.keys:
+            if k in metrics and torch.is_tensor(metrics[k]) and metrics[k].numel() == 1:
+                items[k.replace("train/", "")] = f"{float(metrics[k]):.4g}"
+        return items
+
+
+class EMAOffload(Callback):
+    """Keeps the model's EMA (`model_ema`, a LitEma) in host memory, updated asynchronously
+    (`LitEma(offload=True)`): frees 4 bytes per trainable parameter of accelerator memory.
+    `lightning.callbacks.ema_offload: {target: ldm.training.callbacks.EMAOffload}`."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        ema = getattr(pl_module, "model_ema", None)
+        if ema is not None and hasattr(ema, "set_offload"):
+            ema.set_offload(True)
+            rank_zero_info("EMA kept in host memory (EMAOffload)")
+

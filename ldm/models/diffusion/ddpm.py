@@ -446,12 +446,17 @@ class DDPM(pl.LightningModule, metaclass=_LoadCheckpointAfterInit):
             apply_ucg(batch, self.ucg_training, self.ucg_prng)
         loss, loss_dict = self.shared_step(batch)
         bs = self._batch_size(batch)
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
-                 on_epoch=False, batch_size=bs)
+        # No host-device sync per step: Lightning turns prog_bar values into Python numbers every
+        # step (.item()), and logs a Python number by copying it to the device (a blocking copy);
+        # so prog_bar is off (ldm.training.callbacks.SyncFreeProgressBar shows these every
+        # refresh_rate steps) and numbers become device tensors through fill kernels.
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("global_step", torch.full((), float(self.global_step), device=self.device), prog_bar=False,
+                 logger=True, on_step=True, on_epoch=False, batch_size=bs)
         if self.use_scheduler:
             lr = self.optimizers().param_groups[0]["lr"]
-            self.log("lr_abs", lr, prog_bar=True, logger=True, on_step=True, on_epoch=False, batch_size=bs)
+            self.log("lr_abs", torch.full((), float(lr), device=self.device), prog_bar=False, logger=True,
+                     on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     @torch.no_grad()

@@ -8,10 +8,19 @@ resolution level (0 = full resolution) although it is built from the lowest leve
 
 Self-attention keeps the original 1x1-conv q/k/v/proj_out weights and runs through
 `torch.nn.functional.scaled_dot_product_attention` (one head, channel dimension as head
-dimension, so the default 1/sqrt(C) scale is the original's).
+dimension, so the default 1/sqrt(C) scale is the original's); the 1x1 convolutions run as
+batched matmuls on token-major views, as the UNet's AttentionBlock does.
+
+Speed switches (ddconfig keys, all off by default; the Encoder ignores the decoder-only ones):
+`use_channels_last` (convolutions in channels_last memory format), `decode_precision`
+("bf16" / "fp16": the decoder runs under autocast and returns the input's dtype) and
+`decode_tile_size` / `decode_tile_overlap` (latent pixels: decode latents larger than a tile
+tile by tile, blending overlaps linearly, so memory stays that of one tile plus the output;
+an approximation near seams, since the middle attention block then sees one tile).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional, Sequence
 
@@ -20,19 +29,86 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ldm import perf
+from ldm.modules.diffusionmodules.openaimodel import _pointwise_from_tokens
+
 logger = logging.getLogger(__name__)
 
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "linear", "none")
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
-    """Swish / SiLU, written as the original (x * sigmoid(x))."""
-    return x * torch.sigmoid(x)
+    """Swish / SiLU, x * sigmoid(x) as the original, in one fused kernel."""
+    return F.silu(x)
+
+
+def _norm_swish(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """nonlinearity(norm(x)); in place on the fresh normalised tensor when no gradient is recorded."""
+    h = norm(x)
+    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+
+
+def _residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + h, accumulated into h (a layer's fresh output that autograd keeps no reference to)
+    unless that would change the result's dtype (autocast: x float32, h bfloat16)."""
+    return h.add_(x) if h.dtype == torch.result_type(x, h) and h.shape == x.shape else x + h
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm(32 groups, eps 1e-6, affine) as every block of the autoencoder uses."""
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of `tile` covering [0, size): every `stride`, the last flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _edge_ramp(length: int, ramp: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
+    """(length,) blending weight: rising linearly over `ramp` pixels at an inner edge, 1 elsewhere."""
+    w = torch.ones(length, device=device)
+    if ramp > 0:
+        rise = (torch.arange(min(ramp, length), device=device) + 0.5) / ramp
+        if not at_start:
+            w[:rise.numel()] = torch.minimum(w[:rise.numel()], rise)
+        if not at_end:
+            w[length - rise.numel():] = torch.minimum(w[length - rise.numel():], rise.flip(0))
+    return w
+
+
+def tiled_decode(decode, z: torch.Tensor, tile: int, overlap: int, factor: int) -> torch.Tensor:
+    """decode(z) for a large latent z (B, C, h, w), one (tile x tile) latent tile at a time.
+
+    Tiles overlap by `overlap` latent pixels; outputs are accumulated into the (B, C', h*f, w*f)
+    image with weights ramping linearly across each overlap, then normalised. Peak memory is
+    one tile's activations plus the output and its weight map."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"decode_tile_overlap must be in [0, decode_tile_size={tile}), got {overlap}")
+    h, w = z.shape[-2:]
+    ys, xs = _tile_starts(h, tile, tile - overlap), _tile_starts(w, tile, tile - overlap)
+    out = weight = None
+    for y0 in ys:
+        for x0 in xs:
+            part = decode(z[..., y0:y0 + tile, x0:x0 + tile]).float()           # (B, C', th*f, tw*f)
+            th, tw = part.shape[-2:]
+            wy = _edge_ramp(th, overlap * factor, y0 == 0, y0 + tile >= h, z.device)
+            wx = _edge_ramp(tw, overlap * factor, x0 == 0, x0 + tile >= w, z.device)
+            wt = wy[:, None] * wx[None, :]
+            if out is None:
+                out = part.new_zeros(*part.shape[:2], h * factor, w * factor)
+                weight = part.new_zeros(h * factor, w * factor)
+            ys_, xs_ = slice(y0 * factor, y0 * factor + th), slice(x0 * factor, x0 * factor + tw)
+            out[..., ys_, xs_] += part * wt
+            weight[ys_, xs_] += wt
+    return out / weight
 
 
 class Upsample(nn.Module):
@@ -45,8 +121,33 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        if not self.with_conv:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return _upsample_conv(x, self.conv)
+
+
+def _upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_x2(x)) for a 3x3, padding-1 conv, without making the upsampled image.
+
+    Output pixel (2i+a, 2j+b) sees only input rows {i-1, i} (a = 0) or {i, i+1} (a = 1), and
+    likewise columns, with the 3x3 taps that land on the same input pixel summed: rows
+    (W0, W1+W2) for a = 0, (W0+W1, W2) for a = 1. So each of the 4 output phases is a 2x2 conv
+    of x: 16 instead of 36 multiply-adds per input pixel and channel pair, same result up to
+    float rounding of the summation order."""
+    w, bias = conv.weight, conv.bias                                  # (O, I, 3, 3)
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),    # a = 0: rows i-1, i
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))    # a = 1: rows i, i+1
+    xp = F.pad(x, (1, 1, 1, 1))
+    h, wd = x.shape[-2:]
+    phases = []
+    for a, wr in enumerate(rows):                                     # wr: (O, I, 2, 3)
+        cols = (torch.stack([wr[..., 0], wr[..., 1] + wr[..., 2]], 3),
+                torch.stack([wr[..., 0] + wr[..., 1], wr[..., 2]], 3))
+        for b, k in enumerate(cols):                                  # k: (O, I, 2, 2)
+            phases.append(F.conv2d(xp[..., a:a + h + 1, b:b + wd + 1], k, bias))
+    out = torch.stack(phases, 2).unflatten(2, (2, 2))                 # (B, O, 2, 2, H, W): (a, b)
+    out = out.permute(0, 1, 4, 2, 5, 3).reshape(x.shape[0], -1, 2 * h, 2 * wd)
+    return out.contiguous(memory_format=_memory_format(x))
 
 
 class Downsample(nn.Module):
@@ -88,13 +189,13 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(_norm_swish(self.norm1, x))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(_norm_swish(self.norm2, h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return _residual(x, h)
 
 
 class AttnBlock(nn.Module):
@@ -110,13 +211,18 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_ = self.norm(x)
         b, c, hh, ww = x.shape
-        # (B, C, H, W) -> (B, 1, H*W, C): one head whose dimension is the channel count
-        q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (self.q(h_), self.k(h_), self.v(h_)))
-        h_ = F.scaled_dot_product_attention(q, k, v)
-        h_ = h_.transpose(-1, -2).reshape(b, c, hh, ww)
-        return x + self.proj_out(h_)
+        h_ = self.norm(x).reshape(b, c, hh * ww)                               # (B, C, T)
+        # q, k, v in one batched matmul producing token-major (B, T, 3C) without a transpose
+        # copy; each of q, k, v is then a (B, 1, T, C) view with a contiguous last dim (one head
+        # of width C), which SDPA's fused kernels take as is
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).reshape(3 * c, c)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        qkv = torch.baddbmm(bias.view(1, 1, -1), h_.transpose(1, 2), w.t().expand(b, -1, -1))
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)
+        h_ = F.scaled_dot_product_attention(q, k, v).squeeze(1)                # (B, T, C)
+        out = _pointwise_from_tokens(self.proj_out, h_).reshape(b, c, hh, ww)
+        return _residual(x, out.contiguous(memory_format=_memory_format(x)))
 
 
 class LinAttnBlock(nn.Module):
@@ -151,11 +257,20 @@ class _Stack(nn.Module):
     """Shared helper: run a sub-module, through activation checkpointing when asked and training."""
 
     use_checkpoint: bool = False
+    use_channels_last: bool = False
 
     def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return _checkpoint(module, *args, use_reentrant=False)
         return module(*args)
+
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Convolution weights (and the activations of `forward`) in channels_last memory format."""
+        self.use_channels_last = enabled
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def _input_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.use_channels_last else x
 
 
 class Encoder(_Stack):
@@ -165,7 +280,7 @@ class Encoder(_Stack):
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
                  use_linear_attn: bool = False, attn_type: str = "vanilla", use_checkpoint: bool = False,
-                 **ignore_kwargs):
+                 use_channels_last: bool = False, **ignore_kwargs):
         # ch: base width; ch_mult: width multiplier per resolution level (one downsampling between levels)
         # out_ch: decoder output channels (unused here; ddconfig is shared with the Decoder)
         # num_res_blocks: ResnetBlocks per level; attn_resolutions: feature sizes (e.g. 16) that get attention
@@ -174,6 +289,7 @@ class Encoder(_Stack):
         # z_channels: latent channels; double_z: output mean and logvar (KL) instead of one tensor (VQ)
         # use_linear_attn / attn_type: "vanilla" | "linear" | "none" attention blocks
         # use_checkpoint: activation checkpointing of every block while training (saves memory)
+        # use_channels_last: convolutions in channels_last memory format (often faster on CPU / GPU)
         super().__init__()
         if use_linear_attn:
             attn_type = "linear"
@@ -216,9 +332,11 @@ class Encoder(_Stack):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
                                   kernel_size=3, stride=1, padding=1)
+        if use_channels_last:
+            self.set_channels_last()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(self._input_format(x))
         for i_level, down in enumerate(self.down):
             for i_block, block in enumerate(down.block):
                 h = self._run(block, h)
@@ -229,7 +347,7 @@ class Encoder(_Stack):
         h = self._run(self.mid.block_1, h)
         h = self._run(self.mid.attn_1, h)
         h = self._run(self.mid.block_2, h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(_norm_swish(self.norm_out, h)).contiguous()
 
 
 class Decoder(_Stack):
@@ -239,10 +357,14 @@ class Decoder(_Stack):
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
                  tanh_out: bool = False, use_linear_attn: bool = False, attn_type: str = "vanilla",
-                 use_checkpoint: bool = False, **ignorekwargs):
+                 use_checkpoint: bool = False, use_channels_last: bool = False,
+                 decode_precision: Optional[str] = None, decode_tile_size: Optional[int] = None,
+                 decode_tile_overlap: int = 8, **ignorekwargs):
         # Same keys as Encoder (the ddconfig is shared); in addition:
         # out_ch: output image channels; give_pre_end: return features before norm_out/conv_out
         # tanh_out: squash the output with tanh; num_res_blocks + 1 ResnetBlocks per level
+        # decode_precision: None (the input's dtype) | "bf16" | "fp16": autocast inside the decoder
+        # decode_tile_size / decode_tile_overlap: tiled decoding of large latents (latent pixels)
         super().__init__()
         if use_linear_attn:
             attn_type = "linear"
@@ -288,10 +410,32 @@ class Decoder(_Stack):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        self.decode_precision = decode_precision
+        if decode_precision is not None:
+            perf.autocast_dtype(decode_precision)      # an unknown name fails here, at build time
+        self.decode_tile_size = decode_tile_size
+        self.decode_tile_overlap = decode_tile_overlap
+        if use_channels_last:
+            self.set_channels_last()
+
+    @property
+    def upsampling_factor(self) -> int:
+        return 2 ** (self.num_resolutions - 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.last_z_shape = z.shape
-        h = self.conv_in(z)
+        amp = contextlib.nullcontext() if self.decode_precision is None else \
+            perf.autocast(self.decode_precision, z.device)
+        with amp:
+            tile = self.decode_tile_size
+            if tile is not None and (z.shape[-2] > tile or z.shape[-1] > tile):
+                h = tiled_decode(self._decode, z, tile, self.decode_tile_overlap, self.upsampling_factor)
+            else:
+                h = self._decode(z)
+        return h.to(z.dtype).contiguous()
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(self._input_format(z))
         h = self._run(self.mid.block_1, h)
         h = self._run(self.mid.attn_1, h)
         h = self._run(self.mid.block_2, h)
@@ -305,7 +449,7 @@ class Decoder(_Stack):
                 h = up.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(_norm_swish(self.norm_out, h))
         return torch.tanh(h) if self.tanh_out else h
 
 
