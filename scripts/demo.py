@@ -1,4 +1,4 @@
-"""`make demo`: the whole LDM recipe on a small real dataset, on CPU, in about seven minutes.
+"""`make demo`: the whole LDM recipe on a small real dataset, on CPU, in about seven minutes (one free core per run).
 Each training run uses one thread (robust when the cores are shared; `--threads 2` on an idle
 machine) and is also capped in time (`--ae-minutes`, `--ldm-minutes`).
 
@@ -205,7 +205,7 @@ def main() -> None:
     p.add_argument("--ldm-minutes", type=float, default=7.0, help="stage-2 time cap (Trainer max_time)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=8.0, help="classifier-free guidance scale")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ae-run", default=None, help="reuse this stage-1 run folder instead of training")

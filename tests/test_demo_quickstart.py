@@ -41,7 +41,7 @@ def test_shortened_demo_writes_pictures_and_results(tmp_path: Path) -> None:
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in s2["per_class_accuracy"].values())
     assert sum(s2["per_class_accuracy"].values()) / 10 == pytest.approx(s2["sample_accuracy"])
     assert s2["classifier_real_heldout_accuracy"] >= 0.98          # the judge itself is good (real digits)
-    assert s2["sampler"] == {"sampler": "DDIM", "steps": 2, "eta": 0.0, "guidance_scale": 3.0,
+    assert s2["sampler"] == {"sampler": "DDIM", "steps": 2, "eta": 0.0, "guidance_scale": 8.0,
                              "unconditional_class": 10, "weights": "EMA", "seed": 0, "per_class": 3}
     assert 0 < s1["train_seconds"] and 0 < s2["train_seconds"] and 0 < s2["sample_seconds"]
     assert r["total_seconds"] >= s1["train_seconds"] + s2["train_seconds"]
