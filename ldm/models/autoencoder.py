@@ -3,12 +3,24 @@
 `VQModelInterface` the LDM configs build (encode -> pre-quantisation latent, decode quantises),
 and `IdentityFirstStage`.
 
-Training is adversarial with two optimizers (autoencoder, discriminator). The original relied
-on Lightning 1.x calling `training_step` once per optimizer; here, with Lightning 2 manual
-optimisation, one `training_step` does both updates on the same forward pass (the
-discriminator sees the detached reconstructions of that pass; the original ran a second
-forward for it), both with the same `global_step`, and `global_step` advances once per
-optimizer update of the autoencoder (Lightning would otherwise count both optimizers).
+Training is adversarial with two optimizers (autoencoder, discriminator), in the original's
+order: the original relied on Lightning 1.x calling `training_step` once per optimizer, so one
+batch was (1) a forward, the autoencoder's loss and step, then (2) a *fresh* forward of the
+just-updated autoencoder (its own random draws: a new posterior sample for KL, a new
+`batch_resize_range` size for VQ) whose detached reconstructions the discriminator's loss and
+step see. Here, with Lightning 2 manual optimisation, one `training_step` does both in that
+order. `reuse_forward_for_disc=True` skips the second forward (the discriminator sees the
+reconstructions of the generator's forward, from before its update): one forward per batch,
+faster, but not the original's training. Both losses see the same `global_step`, and
+`global_step` advances once per optimizer update of the autoencoder (Lightning would
+otherwise count both optimizers).
+
+The perceptual network: Lightning 1.x called `model.train()` on the whole module before
+training, which put LPIPS (built `.eval()`) into train mode, so every released first stage was
+trained with LPIPS's dropout active; validation ran it in eval. Lightning 2 keeps each
+submodule's mode, so `on_fit_start` does that `train()` again; the loss's
+`perceptual_dropout: false` keeps LPIPS in eval throughout instead (its VGG trunk is frozen
+either way).
 
 Gradient accumulation: Lightning refuses `Trainer(accumulate_grad_batches=N)` with manual
 optimisation, so the model does it: set `model.accumulate_grad_batches = N` (constructor
@@ -44,8 +56,10 @@ class _FirstStage(pl.LightningModule):
     accumulate_grad_batches: int = 1
 
     def _setup(self, image_key: str, colorize_nlabels: Optional[int], monitor: Optional[str],
-               scheduler_config: Any, base_learning_rate: float, accumulate_grad_batches: int) -> None:
+               scheduler_config: Any, base_learning_rate: float, accumulate_grad_batches: int,
+               reuse_forward_for_disc: bool = False) -> None:
         self.automatic_optimization = False
+        self.reuse_forward_for_disc = bool(reuse_forward_for_disc)
         self.image_key = image_key
         if colorize_nlabels is not None:
             assert isinstance(colorize_nlabels, int)
@@ -137,15 +151,20 @@ class _FirstStage(pl.LightningModule):
         return lr, lr   # (autoencoder, discriminator)
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # Lightning 1.x's model.train() before training (see module doc): LPIPS dropout on, unless
+        # the loss keeps its perceptual network in eval (perceptual_dropout: false)
+        self.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x = self.get_input(batch, self.image_key)
         opt_ae, opt_disc = self.optimizers()
         n = max(1, int(self.accumulate_grad_batches))
         update = (batch_idx + 1) % n == 0 or bool(getattr(self.trainer, "is_last_batch", False))
         step = self.global_step        # both losses see the same step, as in the original
-        out = self._forward_for_loss(x)
 
         self.toggle_optimizer(opt_ae)   # only autoencoder parameters receive gradients
+        x = self.get_input(batch, self.image_key)
+        out = self._forward_for_loss(x)
         aeloss, log_ae = self._loss(x, out, 0, step, "train")
         self.manual_backward(aeloss / n)
         if update:
@@ -154,6 +173,12 @@ class _FirstStage(pl.LightningModule):
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)
+        if not self.reuse_forward_for_disc:
+            # the original's second training_step call: a fresh forward of the updated autoencoder
+            # (no graph: the autoencoder's parameters are toggled off for this optimizer anyway)
+            x = self.get_input(batch, self.image_key)
+            with torch.no_grad():
+                out = self._forward_for_loss(x)
         discloss, log_disc = self._loss(x, out, 1, step, "train")
         self.manual_backward(discloss / n)
         if update:
@@ -233,7 +258,8 @@ class VQModel(_FirstStage):
                  colorize_nlabels: Optional[int] = None, monitor: Optional[str] = None,
                  batch_resize_range: Optional[Sequence[int]] = None, scheduler_config: Optional[dict] = None,
                  lr_g_factor: float = 1.0, remap: Optional[str] = None, sane_index_shape: bool = False,
-                 use_ema: bool = False, base_learning_rate: float = 4.5e-6, accumulate_grad_batches: int = 1):
+                 use_ema: bool = False, base_learning_rate: float = 4.5e-6, accumulate_grad_batches: int = 1,
+                 reuse_forward_for_disc: bool = False):
         # ddconfig: Encoder/Decoder kwargs; lossconfig: {target, params} of the training loss
         # n_embed: codebook size; embed_dim: code dimension
         # ckpt_path / ignore_keys: weights to load, key prefixes to drop from them
@@ -244,6 +270,8 @@ class VQModel(_FirstStage):
         # remap / sane_index_shape: VectorQuantizer2 options; use_ema: keep an EMA of the weights
         # base_learning_rate: LR when main.py has not set `model.learning_rate`
         # accumulate_grad_batches: batches per optimizer update (see module doc)
+        # reuse_forward_for_disc: the discriminator step reuses the generator step's forward (faster,
+        #   not the original's order; see module doc)
         super().__init__()
         self.embed_dim = embed_dim
         self.n_embed = n_embed
@@ -254,7 +282,7 @@ class VQModel(_FirstStage):
         self.quant_conv = torch.nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self._setup(image_key, colorize_nlabels, monitor, scheduler_config, base_learning_rate,
-                    accumulate_grad_batches)
+                    accumulate_grad_batches, reuse_forward_for_disc)
         self.batch_resize_range = batch_resize_range
         self.lr_g_factor = lr_g_factor
         self._setup_ema(0.9999 if use_ema else None)
@@ -355,7 +383,7 @@ class AutoencoderKL(_FirstStage):
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
                  monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = False,
                  scheduler_config: Optional[dict] = None, base_learning_rate: float = 4.5e-6,
-                 accumulate_grad_batches: int = 1):
+                 accumulate_grad_batches: int = 1, reuse_forward_for_disc: bool = False):
         # ddconfig: Encoder/Decoder kwargs (double_z must be true); lossconfig: {target, params} of the loss
         # embed_dim: latent channels; ckpt_path / ignore_keys: weights to load, key prefixes to drop
         # image_key: batch entry holding images; colorize_nlabels: channels of a segmentation input
@@ -363,6 +391,8 @@ class AutoencoderKL(_FirstStage):
         # learn_logvar: also optimise the loss's `logvar` (SD2); scheduler_config: {target, params} with `.schedule`
         # base_learning_rate: LR when main.py has not set `model.learning_rate`
         # accumulate_grad_batches: batches per optimizer update (see module doc)
+        # reuse_forward_for_disc: the discriminator step reuses the generator step's forward (faster,
+        #   not the original's order; see module doc)
         super().__init__()
         self.learn_logvar = learn_logvar
         self.encoder = Encoder(**ddconfig)
@@ -374,7 +404,7 @@ class AutoencoderKL(_FirstStage):
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
         self._setup(image_key, colorize_nlabels, monitor, scheduler_config, base_learning_rate,
-                    accumulate_grad_batches)
+                    accumulate_grad_batches, reuse_forward_for_disc)
         self._setup_ema(ema_decay)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)

@@ -30,7 +30,7 @@ class LPIPSWithDiscriminator(PatchGANLoss):
                  pixelloss_weight: float = 1.0, disc_num_layers: int = 3, disc_in_channels: int = 3,
                  disc_factor: float = 1.0, disc_weight: float = 1.0, perceptual_weight: float = 1.0,
                  use_actnorm: bool = False, disc_conditional: bool = False, disc_loss: str = "hinge",
-                 perceptual_weights: str = "pretrained"):
+                 perceptual_weights: str = "pretrained", perceptual_dropout: bool = True):
         # disc_start: global step from which the adversarial terms are switched on
         # logvar_init: initial value of the learned output log-variance `logvar`
         # kl_weight: weight of the KL term; pixelloss_weight: kept for compatibility (unused, as the original)
@@ -40,10 +40,12 @@ class LPIPSWithDiscriminator(PatchGANLoss):
         # use_actnorm: ActNorm instead of BatchNorm in the discriminator
         # disc_conditional: the discriminator also sees `cond` (channel-concatenated)
         # disc_loss: "hinge" | "vanilla"; perceptual_weights: "pretrained" | "random" LPIPS weights
+        # perceptual_dropout: LPIPS dropout active in training (how the released models were trained,
+        #   see ldm.models.autoencoder); false: LPIPS always in eval
         super().__init__()
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight
-        self.perceptual_loss = build_perceptual_loss(perceptual_weights)
+        self._init_perceptual(perceptual_weights, perceptual_dropout)
         self.perceptual_weight = perceptual_weight
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init)
         self._init_gan(disc_start, disc_num_layers, disc_in_channels, disc_factor, disc_weight,

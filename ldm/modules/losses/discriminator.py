@@ -127,8 +127,22 @@ def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
 class PatchGANLoss(nn.Module):
     """The adversarial half shared by the first-stage losses (KL and VQ): a PatchGAN discriminator,
     a hinge/vanilla discriminator loss gated by `disc_start`, and the adaptive generator weight.
-    Subclasses assign `perceptual_loss` first and then call `_init_gan` (the state-dict order is
-    `perceptual_loss.*` then `discriminator.*`, as the original)."""
+    Subclasses call `_init_perceptual` first and then `_init_gan` (the state-dict order is
+    `perceptual_loss.*` then `discriminator.*`, as the original).
+
+    Mode of the perceptual network: built in eval (as the original), it follows the loss's
+    `train()`/`eval()` like any submodule, so its dropout is active in training as it was when
+    Lightning 1.x called `model.train()`; `perceptual_dropout=False` keeps it in eval always."""
+
+    def _init_perceptual(self, perceptual_weights: str, perceptual_dropout: bool) -> None:
+        self.perceptual_loss = build_perceptual_loss(perceptual_weights)
+        self.perceptual_dropout = bool(perceptual_dropout)
+
+    def train(self, mode: bool = True) -> "PatchGANLoss":
+        super().train(mode)
+        if not self.perceptual_dropout:
+            self.perceptual_loss.eval()
+        return self
 
     def _init_gan(self, disc_start: int, disc_num_layers: int, disc_in_channels: int, disc_factor: float,
                   disc_weight: float, use_actnorm: bool, disc_conditional: bool, disc_loss: str,

@@ -59,7 +59,7 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
                  disc_weight: float = 1.0, perceptual_weight: float = 1.0, use_actnorm: bool = False,
                  disc_conditional: bool = False, disc_ndf: int = 64, disc_loss: str = "hinge",
                  n_classes: Optional[int] = None, perceptual_loss: str = "lpips", pixel_loss: str = "l1",
-                 perceptual_weights: str = "pretrained"):
+                 perceptual_weights: str = "pretrained", perceptual_dropout: bool = True):
         # disc_start: global step from which the adversarial terms are switched on
         # codebook_weight: weight of the quantiser loss; pixelloss_weight: kept for compatibility (unused)
         # disc_num_layers / disc_in_channels / disc_ndf: PatchGAN depth, input channels, first width
@@ -69,6 +69,8 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
         # disc_loss: "hinge" | "vanilla"; n_classes: codebook size, enables perplexity logging
         # perceptual_loss: only "lpips"; pixel_loss: "l1" | "l2"
         # perceptual_weights: "pretrained" | "random" LPIPS weights
+        # perceptual_dropout: LPIPS dropout active in training (how the released models were trained,
+        #   see ldm.models.autoencoder); false: LPIPS always in eval
         super().__init__()
         if perceptual_loss != "lpips":
             raise ValueError(f"Unknown perceptual loss '{perceptual_loss}': only 'lpips' is implemented")
@@ -76,7 +78,7 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
-        self.perceptual_loss = build_perceptual_loss(perceptual_weights)
+        self._init_perceptual(perceptual_weights, perceptual_dropout)
         self.perceptual_weight = perceptual_weight
         self.pixel_loss = l1 if pixel_loss == "l1" else l2
         self._init_gan(disc_start, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
