@@ -233,8 +233,13 @@ def test_every_shipped_config_switches_to_v_with_one_key(tmp_path):
     tiny_model = script("make_tiny_checkpoint").tiny_model
     configs = _shipped_diffusion_configs()
     assert len(configs) >= 15
+    vocab = tmp_path / "vocab.txt"   # BERTEmbedder reads its tokenizer when built (offline)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo"]) + "\n")
     for path in configs:
         model_cfg = tiny_model(S.strip_ckpt_paths(S.load_config(path)["model"]), tmp_path)
+        cond = model_cfg["params"].get("cond_stage_config")
+        if isinstance(cond, dict) and str(cond.get("target", "")).endswith("BERTEmbedder"):
+            cond.setdefault("params", {})["tokenizer_path"] = str(vocab)
         model_cfg["params"]["parameterization"] = "v"
         with S.random_hub_weights():
             model = instantiate_from_config(model_cfg)
