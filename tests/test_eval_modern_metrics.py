@@ -137,7 +137,7 @@ def test_missing_weights_fail_before_any_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "nohub"))
     monkeypatch.delenv("LDM_DINOV2_WEIGHTS", raising=False)
     monkeypatch.delenv("LDM_CLIP_WEIGHTS", raising=False)
-    torch.hub.set_dir(str(tmp_path / "nohub" / "hub"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "nohub" / "hub"))  # restored after the test
     calls = []
 
     def spy(x_T, labels):

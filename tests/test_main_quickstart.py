@@ -48,8 +48,8 @@ def test_quickstart_autoencoder_from_the_command_line(tmp_path: Path) -> None:
     assert "train/reconstructions" in acc.Tags()["images"]
     names = sorted(p.name for p in (run / "configs").iterdir())
     assert len(names) == 2 and names[0].endswith("-lightning.yaml") and names[1].endswith("-project.yaml")
-    # lr printed with how it was computed: 1 x 1 x 4 x 5e-5
-    assert "Setting learning rate to 2.00e-04 = 1 (accumulate_grad_batches) * 1 (num_devices) * 4 (batchsize)" \
+    # lr printed with how it was computed: 1 x 1 x 4 x 2.5e-4
+    assert "Setting learning rate to 1.00e-03 = 1 (accumulate_grad_batches) * 1 (num_devices) * 4 (batchsize)" \
         in proc.stderr + proc.stdout
 
 
@@ -86,4 +86,4 @@ def test_accumulation_with_a_manual_optimization_model_is_done_by_the_model(tmp_
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4  # 2 batches per step
-    assert "4.00e-04 = 2 (accumulate_grad_batches) * 1 (num_devices) * 4 (batchsize)" in caplog.text
+    assert "2.00e-03 = 2 (accumulate_grad_batches) * 1 (num_devices) * 4 (batchsize)" in caplog.text
