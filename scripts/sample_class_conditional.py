@@ -29,7 +29,7 @@ from tqdm.auto import tqdm, trange  # noqa: E402
 
 from ldm import perf  # noqa: E402
 from ldm import scripting as S  # noqa: E402
-from sample_diffusion import merged_config, resolve_resume  # noqa: E402  (-r as sample_diffusion.py)
+from sample_diffusion import config_from_resume  # noqa: E402  (-r as sample_diffusion.py)
 
 CLASS_KEYS = ("class_label", "cls")
 
@@ -77,14 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     device = S.resolve_device(opt.device)
     if opt.classes is not None and not opt.classes:
         S.fail("--classes is empty")
-    config, ckpt, logdir = opt.config, opt.ckpt, None
-    if opt.resume is not None:
-        logdir, configs, found = resolve_resume(opt.resume)
-        ckpt = ckpt or found
-        if config is None:
-            if not configs:
-                S.fail(f"no config in logdir '{logdir}' (config.yaml or configs/*-project.yaml); pass --config")
-            config = merged_config(configs)
+    config, ckpt, logdir = config_from_resume(opt)
     if config is None:
         config = "configs/ldm/cin256.yaml"
     model = S.load_model(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle)

@@ -18,7 +18,7 @@ import argparse
 import datetime
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,10 +69,8 @@ def merged_config(paths: Sequence[Path]) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.load(p) for p in paths]), resolve=True)
 
 
-@S.cli
-def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
-    opt = parser().parse_args(argv)
-    device = S.resolve_device(opt.device)
+def config_from_resume(opt: argparse.Namespace) -> tuple[Any, Any, Optional[Path]]:
+    """(config, ckpt, logdir) from --config / --ckpt, completed from -r when given."""
     config, ckpt, logdir = opt.config, opt.ckpt, None
     if opt.resume is not None:
         logdir, configs, found = resolve_resume(opt.resume)
@@ -81,6 +79,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
             if not configs:
                 S.fail(f"no config in logdir '{logdir}' (config.yaml or configs/*-project.yaml); pass --config")
             config = merged_config(configs)
+    return config, ckpt, logdir
+
+
+@S.cli
+def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
+    opt = parser().parse_args(argv)
+    device = S.resolve_device(opt.device)
+    config, ckpt, logdir = config_from_resume(opt)
     if config is None:
         S.fail("pass -r LOGDIR_OR_CKPT, or --config and --ckpt")
     model = S.load_model(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle)
