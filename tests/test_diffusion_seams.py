@@ -254,3 +254,14 @@ def test_every_shipped_config_switches_to_v_with_one_key(tmp_path):
         lv = model.logvar[t]
         expect = model.l_simple_weight * (per / lv.exp() + lv).mean() + model.original_elbo_weight * per.mean()
         assert float(loss) == pytest.approx(float(expect), rel=1e-5), path.name
+
+
+def test_get_input_is_the_original_list_with_names():
+    from ldm.models.diffusion.latent import LatentInput
+    out = LatentInput(["z", "c", "x", "xrec", "xc"], ["z", "c", "x", "xrec", "xc"])
+    z, c, x, xrec, xc = out                      # the original's unpacking
+    assert isinstance(out, list) and out[:2] == ["z", "c"] and (out.z, out.c, out.xrec, out.xc) == (z, c, xrec, xc)
+    short = LatentInput([1, 2], ["z", "c"])
+    assert short.x is None and short.c == 2 and len(short) == 2
+    with pytest.raises(AttributeError, match="no entry 'y'"):
+        short.y

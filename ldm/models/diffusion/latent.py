@@ -27,6 +27,26 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
 
 
+class LatentInput(list):
+    """get_input's result: the original's list ([z, c] + [x, xrec] + [x] + [xc], as the flags ask),
+    which configs' clients unpack and index, with the entries also by name (`.z`, `.c`, `.x`,
+    `.xrec`, `.xc`; None when not requested)."""
+
+    def __init__(self, values: list, names: list[str]):
+        super().__init__(values)
+        self._names = {}
+        for i, name in enumerate(names):
+            self._names.setdefault(name, i)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in ("z", "c", "x", "xrec", "xc"):
+            raise AttributeError(f"get_input's result has no entry '{name}' (z, c, x, xrec, xc)")
+        i = self._names.get(name)
+        return None if i is None else self[i]
+
+
 class LatentDiffusion(LatentSamplingMixin, DDPM):
     """main class"""
 
@@ -271,14 +291,17 @@ class LatentDiffusion(LatentSamplingMixin, DDPM):
                 c = c[:bs]
         if self.use_positional_encodings:
             raise NotImplementedError("use_positional_encodings is not implemented (nor was it in the original)")
-        out = [z, c]
+        out, names = [z, c], ["z", "c"]
         if return_first_stage_outputs:
             out.extend([x, self.decode_first_stage(z)])
+            names.extend(["x", "xrec"])
         if return_x:
             out.append(x)
+            names.append("x")
         if return_original_cond:
             out.append(xc)
-        return out
+            names.append("xc")
+        return LatentInput(out, names)
 
     # ------------------------------------------------------------------ denoiser and loss (LDM Eq. 2)
     def shared_step(self, batch, **kwargs):
